@@ -1,0 +1,138 @@
+"""The `scaletrain` command.
+
+    scaletrain data prepare --stdlib --output data/stdlib --vocab-size 4096
+    scaletrain config check --config configs/runs/quickstart.yaml --world-size 2 parallel.tp=2
+    scaletrain config show  --config configs/runs/quickstart.yaml train.steps=20
+    scaletrain launch local --nproc 2 --config configs/runs/quickstart.yaml
+    torchrun --nproc-per-node 2 -m scaletrain train --config configs/runs/quickstart.yaml
+
+Errors a user can fix print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from scaletrain.errors import ConfigError, ScaletrainError
+
+USAGE_ERROR = 2
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="run YAML, e.g. configs/runs/tiny.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.field=value", help="e.g. parallel.tp=2"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaletrain", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train (run under torchrun for several ranks)")
+    _add_config_args(train)
+
+    config = commands.add_parser("config", help="show or check a config")
+    config_cmds = config.add_subparsers(dest="action", required=True)
+    show = config_cmds.add_parser("show", help="print the resolved YAML")
+    _add_config_args(show)
+    check = config_cmds.add_parser("check", help="validate for a world size, start nothing")
+    _add_config_args(check)
+    check.add_argument("--world-size", type=int, required=True, help="number of ranks")
+
+    data = commands.add_parser("data", help="prepare token shards")
+    data_cmds = data.add_subparsers(dest="action", required=True)
+    prepare = data_cmds.add_parser("prepare", help="tokenize local text into packed shards")
+    prepare.add_argument("--input", nargs="*", default=[], help="files, folders or globs")
+    prepare.add_argument(
+        "--stdlib", action="store_true", help="add this Python's standard library sources"
+    )
+    prepare.add_argument("--output", required=True, help="folder for shards and metadata")
+    source = prepare.add_mutually_exclusive_group()
+    source.add_argument("--tokenizer", help="folder with a tokenizer.json to use as is")
+    source.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size")
+    prepare.add_argument("--val-fraction", type=float, default=0.05)
+    prepare.add_argument("--num-proc", type=int, default=2)
+    prepare.add_argument("--text-field", default="text", help="column of jsonl/parquet inputs")
+    prepare.add_argument("--seed", type=int, default=1234)
+
+    launch = commands.add_parser("launch", help="start training on this machine or a cluster")
+    launch_cmds = launch.add_subparsers(dest="action", required=True)
+    local = launch_cmds.add_parser("local", help="torchrun on this machine")
+    local.add_argument("--nproc", type=int, required=True, help="ranks to start")
+    _add_config_args(local)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ScaletrainError as err:
+        print(str(err).splitlines()[0], file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from scaletrain.config import check_config, dump_yaml, load_config
+
+    if args.command == "config":
+        config = load_config(args.config, args.overrides)
+        if args.action == "show":
+            print(dump_yaml(config), end="")
+            return 0
+        resolved = check_config(config, args.world_size)
+        print(
+            f"ok: {resolved.dims.describe()} on {args.world_size} rank(s), global batch "
+            f"{resolved.global_batch} = micro {resolved.micro_batch} x accum "
+            f"{resolved.grad_accum} x dp {resolved.dims.dp}, vocab {resolved.vocab_size} "
+            f"(padded {resolved.padded_vocab_size})"
+        )
+        return 0
+    if args.command == "train":
+        from scaletrain.logs import setup_logging
+        from scaletrain.train.trainer import train
+
+        setup_logging()
+        train(load_config(args.config, args.overrides))
+        return 0
+    if args.command == "data":
+        return _prepare(args)
+    if args.command == "launch":
+        config = load_config(args.config, args.overrides)
+        check_config(config, args.nproc)
+        from scaletrain.launch.torchrun import local_command
+
+        command = local_command(args.nproc, args.config, args.overrides)
+        os.execv(command[0], command)
+    raise AssertionError(args)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from scaletrain.data.prepare import prepare_dataset, stdlib_sources
+    from scaletrain.logs import setup_logging
+
+    setup_logging()
+    inputs = list(args.input) + (stdlib_sources() if args.stdlib else [])
+    if not inputs:
+        raise ConfigError("--input", "no inputs; give files/folders or --stdlib")
+    if args.tokenizer is None and args.vocab_size is None:
+        raise ConfigError("--vocab-size", "give --vocab-size N to train a tokenizer, or --tokenizer DIR")
+    info = prepare_dataset(
+        inputs,
+        args.output,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        num_proc=args.num_proc,
+        text_field=args.text_field,
+    )
+    print(f"prepared {args.output}: {info}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

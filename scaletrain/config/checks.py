@@ -1,0 +1,261 @@
+"""Every rule that ties config fields together, checked before any process group exists.
+
+Each failure is a ConfigError: one line naming the field, quoting the values, saying the fix.
+`check_config` returns what it derived (dp, grad_accum, global batch, vocab sizes) so that
+the trainer never computes them a second way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from scaletrain.config.schema import Config
+from scaletrain.errors import ConfigError
+from scaletrain.topology.dims import ParallelDims
+
+METADATA_FILE = "metadata.json"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Values derived from the config and the world size."""
+
+    dims: ParallelDims
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    vocab_size: int
+    padded_vocab_size: int
+
+
+def check_config(config: Config, world_size: int, check_data: bool = True) -> Resolved:
+    """Validate the whole config for a world size; raise ConfigError on the first problem."""
+    _check_unsupported(config)
+    dims = ParallelDims.resolve(
+        config.parallel.tp, config.parallel.pp, config.parallel.dp, config.parallel.ep, world_size
+    )
+    _check_model(config, dims)
+    _check_precision(config)
+    _check_optim(config)
+    micro, accum, global_batch = _check_batch(config, dims)
+    vocab = _check_data(config) if check_data else config.model.vocab_size
+    if vocab is None:
+        raise ConfigError("model.vocab_size", "is null and no data metadata was read; set it")
+    if config.model.vocab_size is not None and config.model.vocab_size < vocab:
+        raise ConfigError(
+            "model.vocab_size",
+            f"({config.model.vocab_size}) is smaller than the tokenizer's vocabulary ({vocab}) "
+            f"of {config.data.paths[0]!r}; raise it or set it to null",
+        )
+    vocab = config.model.vocab_size or vocab
+    return Resolved(
+        dims=dims,
+        micro_batch=micro,
+        grad_accum=accum,
+        global_batch=global_batch,
+        vocab_size=vocab,
+        padded_vocab_size=config.model.padded_vocab_size(vocab),
+    )
+
+
+def _check_unsupported(config: Config) -> None:
+    if config.parallel.pp != 1:
+        raise ConfigError(
+            "parallel.pp",
+            f"pipeline parallelism is not supported yet (got {config.parallel.pp}); use pp=1",
+        )
+    if config.model.num_experts != 0:
+        raise ConfigError(
+            "model.num_experts",
+            f"mixture of experts is not supported yet (got {config.model.num_experts}); use 0",
+        )
+    if config.parallel.ep != 1:
+        raise ConfigError(
+            "parallel.ep",
+            f"expert parallelism is not supported yet (got {config.parallel.ep}); use ep=1",
+        )
+    if config.checkpoint.interval != 0:
+        raise ConfigError(
+            "checkpoint.interval",
+            f"checkpoint saving is not supported yet (got {config.checkpoint.interval}); use 0",
+        )
+
+
+def _positive(value: float | int, path: str) -> None:
+    if value <= 0:
+        raise ConfigError(path, f"must be > 0, got {value}")
+
+
+def _check_model(config: Config, dims: ParallelDims) -> None:
+    m = config.model
+    for name in ("hidden_size", "num_layers", "num_heads", "max_seq_len", "init_std"):
+        _positive(getattr(m, name), f"model.{name}")
+    _positive(m.make_vocab_size_divisible_by, "model.make_vocab_size_divisible_by")
+    _positive(m.norm_eps, "model.norm_eps")
+    _positive(m.rope_theta, "model.rope_theta")
+    if m.vocab_size is not None:
+        _positive(m.vocab_size, "model.vocab_size")
+    if m.num_kv_heads is not None:
+        _positive(m.num_kv_heads, "model.num_kv_heads")
+    if m.ffn_hidden_size is not None:
+        _positive(m.ffn_hidden_size, "model.ffn_hidden_size")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(
+            "model.hidden_size",
+            f"({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})",
+        )
+    if m.head_dim % 2:
+        raise ConfigError(
+            "model.num_heads",
+            f"head dimension hidden_size/num_heads = {m.head_dim} must be even for rotary "
+            "embeddings; change num_heads or hidden_size",
+        )
+    if m.num_heads % m.kv_heads:
+        raise ConfigError(
+            "model.num_kv_heads",
+            f"({m.kv_heads}) must divide model.num_heads ({m.num_heads})",
+        )
+    if m.num_heads % dims.tp:
+        raise ConfigError(
+            "model.num_heads",
+            f"({m.num_heads}) must be divisible by parallel.tp ({dims.tp})",
+        )
+    if m.kv_heads % dims.tp:
+        raise ConfigError(
+            "model.num_kv_heads",
+            f"({m.kv_heads}) must be divisible by parallel.tp ({dims.tp}); "
+            "use more kv heads or a smaller tp",
+        )
+    if m.ffn_size % dims.tp:
+        raise ConfigError(
+            "model.ffn_hidden_size",
+            f"({m.ffn_size}) must be divisible by parallel.tp ({dims.tp})",
+        )
+    if m.make_vocab_size_divisible_by % dims.tp:
+        raise ConfigError(
+            "model.make_vocab_size_divisible_by",
+            f"({m.make_vocab_size_divisible_by}) must be a multiple of parallel.tp ({dims.tp}) "
+            "so that the padded vocabulary splits evenly",
+        )
+    if m.num_layers % dims.pp:
+        raise ConfigError(
+            "model.num_layers",
+            f"({m.num_layers}) must be divisible by parallel.pp ({dims.pp})",
+        )
+    if config.train.seq_len > m.max_seq_len:
+        raise ConfigError(
+            "train.seq_len",
+            f"({config.train.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})",
+        )
+    if config.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(
+            "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {config.parallel.zero_stage}"
+        )
+
+
+def _check_precision(config: Config) -> None:
+    p = config.precision
+    if p.loss_scale < 0:
+        raise ConfigError("precision.loss_scale", f"must be >= 0 (0 = dynamic), got {p.loss_scale}")
+    if not 0 <= p.initial_scale_power <= 32:
+        raise ConfigError(
+            "precision.initial_scale_power", f"must be in 0..32, got {p.initial_scale_power}"
+        )
+    _positive(p.loss_scale_window, "precision.loss_scale_window")
+    _positive(p.hysteresis, "precision.hysteresis")
+    _positive(p.min_loss_scale, "precision.min_loss_scale")
+    if p.dtype != "fp16" and p.loss_scale > 0:
+        raise ConfigError(
+            "precision.loss_scale",
+            f"({p.loss_scale}) only applies to fp16, but precision.dtype is {p.dtype!r}",
+        )
+
+
+def _check_optim(config: Config) -> None:
+    o, t = config.optim, config.train
+    _positive(o.lr, "optim.lr")
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError("optim.min_lr", f"({o.min_lr}) must be in [0, optim.lr ({o.lr})]")
+    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+        raise ConfigError(
+            "optim.warmup_steps",
+            f"({o.warmup_steps}) must be in [0, train.steps ({t.steps})]",
+        )
+    if o.weight_decay < 0:
+        raise ConfigError("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    for name in ("beta1", "beta2"):
+        value = getattr(o, name)
+        if not 0 <= value < 1:
+            raise ConfigError(f"optim.{name}", f"must be in [0, 1), got {value}")
+    _positive(o.eps, "optim.eps")
+    if o.grad_clip < 0:
+        raise ConfigError("optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
+
+
+def _check_batch(config: Config, dims: ParallelDims) -> tuple[int, int, int]:
+    t = config.train
+    for name in ("micro_batch", "seq_len", "steps", "eval_batches"):
+        _positive(getattr(t, name), f"train.{name}")
+    if t.eval_interval < 0:
+        raise ConfigError("train.eval_interval", f"must be >= 0 (0 disables), got {t.eval_interval}")
+    if not t.run_dir:
+        raise ConfigError("train.run_dir", "must not be empty")
+    _positive(config.logging.interval, "logging.interval")
+    per_step = t.micro_batch * dims.dp
+    if t.grad_accum is not None:
+        _positive(t.grad_accum, "train.grad_accum")
+    if t.global_batch is not None:
+        _positive(t.global_batch, "train.global_batch")
+        if t.global_batch % per_step:
+            raise ConfigError(
+                "train.global_batch",
+                f"({t.global_batch}) must be divisible by micro_batch ({t.micro_batch}) * "
+                f"dp ({dims.dp}) = {per_step}",
+            )
+        accum = t.global_batch // per_step
+        if t.grad_accum is not None and t.grad_accum != accum:
+            raise ConfigError(
+                "train.grad_accum",
+                f"({t.grad_accum}) disagrees: global_batch ({t.global_batch}) = micro_batch "
+                f"({t.micro_batch}) * grad_accum * dp ({dims.dp}) needs grad_accum = {accum}; "
+                "set one of them to null",
+            )
+        return t.micro_batch, accum, t.global_batch
+    accum = t.grad_accum or 1
+    return t.micro_batch, accum, per_step * accum
+
+
+def _check_data(config: Config) -> int:
+    d = config.data
+    if not d.paths:
+        raise ConfigError(
+            "data.paths", "is empty; prepare data with `scaletrain data prepare` and list its folder"
+        )
+    if d.weights is not None:
+        if len(d.weights) != len(d.paths):
+            raise ConfigError(
+                "data.weights",
+                f"has {len(d.weights)} entries but data.paths has {len(d.paths)}; give one each",
+            )
+        if any(w < 0 for w in d.weights) or sum(d.weights) <= 0:
+            raise ConfigError(
+                "data.weights", f"({d.weights}) must be >= 0 with a positive sum"
+            )
+    vocab_sizes = []
+    for i, path in enumerate(d.paths):
+        meta = Path(path) / METADATA_FILE
+        if not meta.is_file():
+            raise ConfigError(
+                f"data.paths[{i}]",
+                f"{path!r} has no {METADATA_FILE}; run `scaletrain data prepare --output {path} ...`",
+            )
+        vocab_sizes.append(int(json.loads(meta.read_text())["vocab_size"]))
+    if len(set(vocab_sizes)) > 1:
+        raise ConfigError(
+            "data.paths",
+            f"the data sets use different tokenizers (vocab sizes {vocab_sizes}); "
+            "prepare them with the same --tokenizer",
+        )
+    return vocab_sizes[0]

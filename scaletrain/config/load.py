@@ -1,0 +1,166 @@
+"""YAML files and `section.field=value` overrides into a typed `Config`.
+
+A run file may name its model file (`model: tiny` or `model: {base: tiny, num_layers: 8}`);
+the model file is looked up next to the run file, then in `configs/models/`. Types are
+checked here, so a typo or a string where a number belongs fails with one line that names
+the field, before any process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from scaletrain.config.schema import Config
+from scaletrain.errors import ConfigError
+
+MODEL_BASE_KEY = "base"
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a run file, compose its model file, apply overrides, and type-check the result."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+        raw = _compose_model(raw, Path(path))
+    for override in overrides or []:
+        _apply_override(raw, override)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from plain data; unknown keys and wrong types raise ConfigError."""
+    return _build(Config, raw, "")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("--config", f"file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError("--config", f"{str(path)!r} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{str(path)!r} must hold a mapping of sections")
+    return data
+
+
+def _compose_model(raw: dict[str, Any], run_file: Path) -> dict[str, Any]:
+    """Replace `model: NAME` / `model: {base: NAME, ...}` by the model file plus overrides."""
+    model = raw.get("model")
+    if isinstance(model, str):
+        model = {MODEL_BASE_KEY: model}
+    if not isinstance(model, dict) or MODEL_BASE_KEY not in model:
+        return raw
+    name = model[MODEL_BASE_KEY]
+    candidates = [run_file.parent / name, run_file.parent / f"{name}.yaml"]
+    candidates += [run_file.parent.parent / "models" / f"{name}.yaml"]
+    candidates += [Path("configs/models") / f"{name}.yaml"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ConfigError(
+            "model.base",
+            f"model file {name!r} not found (looked in {', '.join(str(c) for c in candidates)})",
+        )
+    base = _read_yaml(found)
+    merged = {**base, **{k: v for k, v in model.items() if k != MODEL_BASE_KEY}}
+    return {**raw, "model": merged}
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(
+            override, "overrides are written section.field=value, e.g. parallel.tp=2"
+        )
+    section, name = parts
+    value = yaml.safe_load(text) if text.strip() else None
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(section, "must be a mapping of fields")
+    target[name] = value
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path or "config", f"expected a mapping of fields, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(where, f"unknown field; known fields are {', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        where = f"{path}.{name}" if path else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, where)
+        else:
+            values[name] = _coerce(value, hint, where)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(str(a) for a in args)
+            raise ConfigError(where, f"{value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(where, f"expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(where, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            value = _yaml11_float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(where, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {where}")
+
+
+def _yaml11_float(text: str) -> float | str:
+    """PyYAML reads `3e-4` (no dot) as a string; accept it where a number is expected."""
+    try:
+        return float(text)
+    except ValueError:
+        return text

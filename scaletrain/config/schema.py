@@ -1,0 +1,207 @@
+"""The run configuration: one dataclass per YAML section, every field documented.
+
+The schema only describes values. The rules that tie fields together (layout versus world
+size, heads versus TP, batch arithmetic, ...) live in `checks.py` so that they can run
+before any process group exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder. Sizes follow the Hugging Face Llama names where they exist."""
+
+    vocab_size: int | None = None
+    """Tokenizer vocabulary size; null reads it from the first data set's metadata.json."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding and head are padded to a multiple of this; it must be a multiple of
+    parallel.tp, so that every TP degree pads to the same size and starts from the same weights."""
+    hidden_size: int = 256
+    """Width of the residual stream."""
+    num_layers: int = 4
+    """Number of decoder blocks."""
+    num_heads: int = 4
+    """Attention (query) heads; divisible by parallel.tp."""
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; null means num_heads (plain multi-head)."""
+    ffn_hidden_size: int | None = None
+    """SwiGLU inner width; null means 8/3 * hidden_size rounded up to a multiple of 64."""
+    max_seq_len: int = 2048
+    """Longest sequence the rotary tables are built for; train.seq_len may not exceed it."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation; output projections are scaled by
+    1/sqrt(2 * num_layers) as in GPT-2 / Megatron."""
+    num_experts: int = 0
+    """Experts per MoE layer; 0 is a dense model (MoE arrives in a later release)."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        return -(-(8 * self.hidden_size // 3) // 64) * 64
+
+    def padded_vocab_size(self, vocab_size: int) -> int:
+        """The embedding rows: independent of TP so that TP=1 and TP=N start identically."""
+        multiple = self.make_vocab_size_divisible_by
+        return -(-vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    """How the ranks are split. tp * pp * dp equals the world size."""
+
+    tp: int = 1
+    """Tensor-parallel degree (megatron-core column/row parallel layers)."""
+    pp: int = 1
+    """Pipeline-parallel degree (not supported yet: must be 1)."""
+    dp: int | None = None
+    """Data-parallel degree; null derives it as world_size / (tp * pp)."""
+    ep: int = 1
+    """Expert-parallel degree for MoE layers (not supported yet: must be 1)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3; shards optimizer state (1), gradients (2), parameters (3)
+    over the data-parallel ranks."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric format of weights and activations; the master weights stay fp32."""
+
+    dtype: Dtype = "fp32"
+    """One of fp32, bf16, fp16 (fp16 uses dynamic loss scaling unless loss_scale > 0)."""
+    loss_scale: float = 0.0
+    """fp16 only: a fixed loss scale, or 0 for dynamic loss scaling."""
+    initial_scale_power: int = 16
+    """fp16 dynamic scaling starts at 2**initial_scale_power."""
+    loss_scale_window: int = 1000
+    """fp16: steps without overflow before the scale doubles."""
+    hysteresis: int = 2
+    """fp16: overflows tolerated before the scale is lowered."""
+    min_loss_scale: float = 1.0
+    """fp16: the dynamic scale never drops below this."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to min_lr."""
+
+    lr: float = 3e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the cosine decay (train.steps)."""
+    warmup_steps: int = 100
+    """Linear warmup length in optimizer steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay for matrices; norms are not decayed."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    """Batch arithmetic and the length of the run: global = micro * grad_accum * dp."""
+
+    micro_batch: int = 4
+    """Sequences per rank per forward pass."""
+    global_batch: int | None = None
+    """Sequences per optimizer step over all data-parallel ranks; null derives it."""
+    grad_accum: int | None = None
+    """Micro-batches per optimizer step on each rank; null derives it from global_batch."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    steps: int = 100
+    """Optimizer steps to run."""
+    eval_interval: int = 50
+    """Evaluate on the validation split every N steps (and at the last step); 0 disables."""
+    eval_batches: int = 4
+    """Global batches of the validation split per evaluation."""
+    seed: int = 1234
+    """Seed for weights, data order and everything random."""
+    run_dir: str = "runs/default"
+    """Where metrics.jsonl, the resolved config and (later) checkpoints go."""
+    deterministic: bool = False
+    """Pin one intra-op thread per rank so that identical runs give identical bits on CPU."""
+
+
+@dataclass
+class DataConfig:
+    """Prepared token data sets (see `scaletrain data prepare`)."""
+
+    paths: list[str] = field(default_factory=list)
+    """Folders written by `scaletrain data prepare`; several are blended by weights."""
+    weights: list[float] | None = None
+    """Blend weights, one per path; null weighs the paths equally."""
+    shuffle: bool = True
+    """Shuffle training samples each epoch (the order depends only on train.seed)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpointing (arrives with the checkpoint release)."""
+
+    interval: int = 0
+    """Save every N steps; must be 0 until sharded checkpoints are supported."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go; everything is written by rank 0 only."""
+
+    interval: int = 1
+    """Print a progress line every N steps (metrics.jsonl gets every step)."""
+    jsonl: bool = True
+    """Write <run_dir>/metrics.jsonl, one JSON object per step."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline unless WANDB_API_KEY is set)."""
+    wandb_project: str = "scaletrain"
+    """Weights & Biases project name."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for MFU; null looks the GPU up or measures the CPU once."""
+
+
+@dataclass
+class Config:
+    """One training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The parallel layout."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Number format and loss scaling."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batch sizes, steps, evaluation, seed."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and progress output."""

@@ -1,0 +1,1 @@
+"""Wrapping the model into a DeepSpeed engine."""

@@ -1,0 +1,126 @@
+"""DeepSpeed engine from our config: ZeRO stage, precision, clipping, accumulation, AdamW.
+
+The ds_config is derived, never written by hand, so that it cannot disagree with the checks
+in `scaletrain.config.checks`. ZeRO-3 models must be built inside `model_init_context`, which
+partitions each parameter over the data-parallel group as soon as it is created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from scaletrain.config.checks import Resolved
+from scaletrain.config.schema import Config
+from scaletrain.topology.init import Topology
+from scaletrain.train.schedule import build_scheduler
+
+NEVER = 1 << 62  # steps_per_print: our own metrics do the printing
+
+
+def ds_config(config: Config, resolved: Resolved) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run."""
+    p = config.precision
+    return {
+        "train_batch_size": resolved.global_batch,
+        "train_micro_batch_size_per_gpu": resolved.micro_batch,
+        "gradient_accumulation_steps": resolved.grad_accum,
+        "gradient_clipping": config.optim.grad_clip,
+        "zero_optimization": {"stage": config.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": p.dtype == "bf16"},
+        "fp16": {
+            "enabled": p.dtype == "fp16",
+            "loss_scale": p.loss_scale,
+            "initial_scale_power": p.initial_scale_power,
+            "loss_scale_window": p.loss_scale_window,
+            "hysteresis": p.hysteresis,
+            "min_loss_scale": p.min_loss_scale,
+        },
+        "steps_per_print": NEVER,
+        "wall_clock_breakdown": False,
+    }
+
+
+def model_init_context(config: Config, resolved: Resolved, topology: Topology):
+    """Where to build the model: ZeRO-3 partitions parameters at creation, others need nothing."""
+    if config.parallel.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(
+        config_dict_or_path=ds_config(config, resolved),
+        mpu=topology.mpu,
+        # Without this zero.Init partitions over (and broadcasts from rank 0 of) the whole
+        # world, which overwrites every TP rank's slice with TP rank 0's.
+        data_parallel_group=topology.groups.dp,
+        remote_device="cpu" if topology.device.type == "cpu" else None,
+    )
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Matrices decay; norm gains (1-D) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in params if _ndim(p) >= 2]
+    vectors = [p for p in params if _ndim(p) < 2]
+    return [
+        {"params": matrices, "weight_decay": weight_decay},
+        {"params": vectors, "weight_decay": 0.0},
+    ]
+
+
+def _ndim(param: torch.Tensor) -> int:
+    shape = getattr(param, "ds_shape", None)  # ZeRO-3 keeps the real shape here
+    return len(shape) if shape is not None else param.dim()
+
+
+def initialize_engine(
+    model: nn.Module, config: Config, resolved: Resolved, topology: Topology
+) -> Any:
+    """deepspeed.initialize with our optimizer and schedule; returns the engine."""
+    import deepspeed
+
+    o = config.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        fused=topology.device.type == "cuda",
+    )
+    scheduler: Callable = lambda opt: build_scheduler(opt, o, config.train.steps)  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config(config, resolved),
+        mpu=topology.mpu,
+        dist_init_required=False,
+    )
+    return engine
+
+
+def grad_norm_before_step(engine: Any) -> float | None:
+    """The global gradient norm, for the one case where DeepSpeed does not report it.
+
+    ZeRO-0 in fp32 clips through a helper whose return value the engine drops, so
+    `get_global_grad_norm()` stays None; call this after the last backward of a step.
+    TP-replicated parameters (norm gains) are counted once, as megatron-core does.
+    """
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    grads = [
+        p.grad
+        for p in engine.module.parameters()
+        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)
+    ]
+    squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+    dist.all_reduce(squares, group=engine.mpu.get_model_parallel_group())
+    return squares.sqrt().item()

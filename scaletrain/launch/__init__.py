@@ -1,0 +1,1 @@
+"""Turning a config into processes: torchrun here, SLURM later."""

@@ -1,0 +1,1 @@
+"""Model definitions built from megatron-core tensor-parallel layers."""

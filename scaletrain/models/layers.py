@@ -1,0 +1,98 @@
+"""The parts of a Llama block: rotary embedding, grouped-query attention, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaletrain.config.schema import ModelConfig
+from scaletrain.models.parallel import TensorParallel, scaled_std
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (rotate-half convention, as Hugging Face Llama)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        # Plain attributes, not buffers: a bf16/fp16 cast of the module must not round them.
+        self.cos, self.sin = angles.cos().float(), angles.sin().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch, seq, heads, head_dim]."""
+        seq = x.shape[1]
+        cos = self.cos[:seq, None, :].to(x.device)
+        sin = self.sin[:seq, None, :].to(x.device)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention; heads are split over TP ranks.
+
+    The fused QKV projection is laid out per key/value group, [q_1..q_g, k, v] for each kv
+    head, so that a contiguous column split hands every TP rank whole groups.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.q_per_kv = cfg.num_heads // cfg.kv_heads
+        self.local_kv_heads = cfg.kv_heads // tp.size
+        qkv_size = cfg.kv_heads * (self.q_per_kv + 2) * cfg.head_dim
+        self.qkv = tp.column(cfg.hidden_size, qkv_size, std=cfg.init_std)
+        self.out = tp.row(
+            cfg.num_heads * cfg.head_dim, cfg.hidden_size, scaled_std(cfg.init_std, cfg.num_layers)
+        )
+
+    def forward(self, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        qkv, _ = self.qkv(x)
+        qkv = qkv.view(batch, seq, self.local_kv_heads, self.q_per_kv + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_kv].reshape(batch, seq, -1, self.head_dim)
+        k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
+        q, k = rotary(q), rotary(k)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=self.q_per_kv > 1,
+        )
+        out, _ = self.out(attn.transpose(1, 2).reshape(batch, seq, -1))
+        return out
+
+
+class SwiGLU(nn.Module):
+    """silu(x W_gate) * (x W_up) W_down; gate and up are one fused column layer."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+        super().__init__()
+        # stride=2: each rank keeps its slice of the gate *and* its slice of up.
+        self.gate_up = tp.column(cfg.hidden_size, 2 * cfg.ffn_size, std=cfg.init_std, stride=2)
+        self.down = tp.row(cfg.ffn_size, cfg.hidden_size, scaled_std(cfg.init_std, cfg.num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up(x)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out, _ = self.down(F.silu(gate) * up)
+        return out
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, tp)
+        self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, tp)
+
+    def forward(self, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary)
+        return x + self.mlp(self.mlp_norm(x))

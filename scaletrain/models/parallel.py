@@ -1,0 +1,106 @@
+"""How the model is split over tensor-parallel ranks: the only file that builds megatron layers.
+
+Model code asks for a `column` layer (output features split over TP ranks), a `row` layer
+(input features split, outputs summed) or the vocab-parallel embedding and loss. Weights are
+always made whole on the CPU from the global seed and then split (`use_cpu_initialization`),
+so a TP=N model holds exactly the slices of the TP=1 model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from torch.distributed import ProcessGroup
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], None]:
+    def init(tensor: torch.Tensor) -> None:
+        torch.nn.init.normal_(tensor, mean=0.0, std=std)
+
+    return init
+
+
+class TensorParallel:
+    """Factory of megatron-core parallel layers for one TP group."""
+
+    def __init__(self, size: int, group: ProcessGroup | None) -> None:
+        self.size = size
+        self.group = group
+        self.config = ModelParallelConfig(
+            tensor_model_parallel_size=size,
+            use_cpu_initialization=True,
+            perform_initialization=True,
+            params_dtype=torch.float32,
+            sequence_parallel=False,
+            gradient_accumulation_fusion=False,
+        )
+
+    def column(
+        self, in_features: int, out_features: int, std: float, stride: int = 1
+    ) -> ColumnParallelLinear:
+        """Output features split over TP; `stride` keeps fused blocks (e.g. gate|up) per rank."""
+        return ColumnParallelLinear(
+            in_features,
+            out_features,
+            config=self.config,
+            init_method=normal_init(std),
+            bias=False,
+            gather_output=False,
+            stride=stride,
+            tp_group=self.group,
+        )
+
+    def tied_column(self, in_features: int, out_features: int) -> ColumnParallelLinear:
+        """A column layer without its own weight: it is given the embedding's at call time."""
+        return ColumnParallelLinear(
+            in_features,
+            out_features,
+            config=self.config,
+            init_method=normal_init(0.0),
+            bias=False,
+            gather_output=False,
+            skip_weight_param_allocation=True,
+            tp_group=self.group,
+        )
+
+    def row(self, in_features: int, out_features: int, std: float) -> RowParallelLinear:
+        """Input features split over TP; the partial outputs are summed over the group."""
+        return RowParallelLinear(
+            in_features,
+            out_features,
+            config=self.config,
+            init_method=normal_init(std),
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=self.group,
+        )
+
+    def embedding(self, vocab_size: int, hidden_size: int, std: float) -> VocabParallelEmbedding:
+        """Vocabulary rows split over TP; lookups are summed over the group."""
+        return VocabParallelEmbedding(
+            vocab_size,
+            hidden_size,
+            init_method=normal_init(std),
+            config=self.config,
+            tp_group=self.group,
+        )
+
+    @staticmethod
+    def cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token loss from logits whose vocabulary is split over TP (computed in fp32)."""
+        return vocab_parallel_cross_entropy(local_logits.float(), labels)
+
+
+def scaled_std(std: float, num_layers: int) -> float:
+    """Residual-branch output projections start smaller so the stream's variance stays flat."""
+    return std / math.sqrt(2.0 * num_layers)

@@ -1,0 +1,1 @@
+"""Capacity planning: FLOPs, memory and layouts computed from a config alone."""

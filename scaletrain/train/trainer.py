@@ -1,0 +1,197 @@
+"""Build everything in a fixed order, then run a short loop: step -> log -> maybe evaluate.
+
+Order: config checks (no processes yet) -> topology -> seed -> model -> DeepSpeed engine ->
+data -> metrics. The loss reported for a step is the mean over the whole global batch, so it is
+the same number whatever the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scaletrain.config.checks import Resolved, check_config
+from scaletrain.config.load import dump_yaml
+from scaletrain.config.schema import Config
+from scaletrain.data import GlobalBatchSampler, build_dataset
+from scaletrain.engine.deepspeed import (
+    grad_norm_before_step,
+    initialize_engine,
+    model_init_context,
+)
+from scaletrain.logs import get_logger
+from scaletrain.models.gpt import GPT
+from scaletrain.models.parallel import TensorParallel
+from scaletrain.plan.flops import flops_per_token
+from scaletrain.topology.init import Topology, env_world_size, init_topology, seed_everything
+from scaletrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes
+
+log = get_logger(__name__)
+
+TRAIN_SPLIT, VAL_SPLIT = "train", "val"
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports (rank 0 holds the same numbers as every rank)."""
+
+    steps: int
+    final_loss: float
+    final_val_loss: float | None
+    tokens_per_sec: float
+
+
+class Trainer:
+    """Owns the engine, the data and the metrics of one run."""
+
+    def __init__(self, config: Config, topology: Topology, resolved: Resolved) -> None:
+        self.config, self.topology, self.resolved = config, topology, resolved
+        self.run_dir = Path(config.train.run_dir)
+        if topology.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(config))
+        seed_everything(config.train.seed)
+        tp = TensorParallel(resolved.dims.tp, topology.groups.tp)
+        with model_init_context(config, resolved, topology):
+            model = GPT(config.model, resolved.padded_vocab_size, tp)
+        self.engine = initialize_engine(model, config, resolved, topology)
+        self._build_data()
+        self.tokens_per_step = resolved.global_batch * config.train.seq_len
+        self.flops_per_token = flops_per_token(
+            config.model, config.train.seq_len, resolved.padded_vocab_size
+        )
+        self.peak_flops = device_peak_flops(topology.device, config.logging.peak_tflops)
+        self.metrics = MetricsWriter(config, self.run_dir, config.train.steps, topology.is_main)
+        self.step = 0
+
+    def _build_data(self) -> None:
+        c, dims = self.config, self.resolved.dims
+        self.train_set = build_dataset(
+            c.data.paths, c.data.weights, TRAIN_SPLIT, c.train.seq_len, c.train.seed
+        )
+        self.val_set = build_dataset(
+            c.data.paths, c.data.weights, VAL_SPLIT, c.train.seq_len, c.train.seed
+        )
+        self.sampler = GlobalBatchSampler(
+            len(self.train_set),
+            self.resolved.global_batch,
+            self.topology.dp_rank,
+            dims.dp,
+            c.train.seed,
+            shuffle=c.data.shuffle,
+        )
+
+    def _windows(self, dataset, indices: np.ndarray) -> torch.Tensor:
+        batch = np.stack([dataset[int(i)] for i in indices])
+        return torch.from_numpy(batch).to(self.topology.device)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over one global batch; returns its metrics."""
+        start = time.perf_counter()
+        lr = self.engine.get_lr()[0]
+        skipped_before = self.engine.skipped_steps
+        windows = self._windows(self.train_set, self.sampler.next_batch())
+        losses, grad_norm = [], None
+        for micro in windows.split(self.resolved.micro_batch):
+            loss = self.engine(micro)
+            self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary():
+                grad_norm = grad_norm_before_step(self.engine)
+            self.engine.step()
+            losses.append(loss.detach().float())
+        if grad_norm is None:
+            grad_norm = _as_float(self.engine.get_global_grad_norm())
+        loss = self.topology.mean_over_dp(torch.stack(losses).mean()).item()
+        elapsed = time.perf_counter() - start
+        self.step += 1
+        tokens_per_sec = self.tokens_per_step / elapsed
+        metrics = {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": self.flops_per_token * tokens_per_sec
+            / (self.peak_flops * self.topology.world_size),
+            "peak_mem_bytes": peak_memory_bytes(self.topology.device),
+            "step_time": elapsed,
+            "skipped_steps": self.engine.skipped_steps,
+            "skipped": self.engine.skipped_steps > skipped_before,
+        }
+        if self.config.precision.dtype == "fp16":
+            metrics["loss_scale"] = float(self.engine.optimizer.cur_scale)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first `eval_batches` global batches of the validation split."""
+        dims, c = self.resolved.dims, self.config
+        sampler = GlobalBatchSampler(
+            len(self.val_set), self.resolved.global_batch, self.topology.dp_rank, dims.dp,
+            c.train.seed, shuffle=False,
+        )
+        self.engine.eval()
+        losses = []
+        for _ in range(c.train.eval_batches):
+            windows = self._windows(self.val_set, sampler.next_batch())
+            losses += [self.engine(micro).float() for micro in windows.split(c.train.micro_batch)]
+        self.engine.train()
+        return self.topology.mean_over_dp(torch.stack(losses).mean()).item()
+
+    def _eval_due(self) -> bool:
+        interval = self.config.train.eval_interval
+        last = self.step == self.config.train.steps
+        return interval > 0 and (self.step % interval == 0 or last)
+
+    def run(self) -> RunSummary:
+        log.info(
+            "training %s on %d rank(s) [%s], global batch %d x %d tokens, %d steps",
+            _count_params(self.engine.module), self.topology.world_size,
+            self.resolved.dims.describe(), self.resolved.global_batch,
+            self.config.train.seq_len, self.config.train.steps,
+        )
+        metrics: dict[str, float] = {}
+        val_loss = None
+        while self.step < self.config.train.steps:
+            metrics = self.train_step()
+            if self._eval_due():
+                val_loss = metrics["val_loss"] = self.evaluate()
+            self.metrics.log_step(metrics)
+        summary = RunSummary(self.step, metrics.get("loss", math.nan), val_loss,
+                             metrics.get("tokens_per_sec", 0.0))
+        val_text = f"{summary.final_val_loss:.4f}" if summary.final_val_loss is not None else "n/a"
+        self.metrics.summary(
+            f"done: {summary.steps} steps, final train loss {summary.final_loss:.4f}, "
+            f"validation loss {val_text}"
+        )
+        self.metrics.close()
+        return summary
+
+
+def _as_float(value) -> float:
+    if value is None:
+        return math.nan
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def _count_params(model: torch.nn.Module) -> str:
+    count = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return f"{count / 1e6:.1f}M parameters (this rank)"
+
+
+def train(config: Config) -> RunSummary:
+    """Check, bring up the ranks, train, tear down. The entry point of `scaletrain train`."""
+    resolved = check_config(config, env_world_size())
+    if config.train.deterministic:
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+    topology = init_topology(resolved.dims)
+    try:
+        return Trainer(config, topology, resolved).run()
+    finally:
+        topology.destroy()
