@@ -119,7 +119,9 @@ def _prepare(args: argparse.Namespace) -> int:
     if not inputs:
         raise ConfigError("--input", "no inputs; give files/folders or --stdlib")
     if args.tokenizer is None and args.vocab_size is None:
-        raise ConfigError("--vocab-size", "give --vocab-size N to train a tokenizer, or --tokenizer DIR")
+        raise ConfigError(
+            "--vocab-size", "give --vocab-size N to train a tokenizer, or --tokenizer DIR"
+        )
     info = prepare_dataset(
         inputs,
         args.output,
@@ -130,7 +132,11 @@ def _prepare(args: argparse.Namespace) -> int:
         num_proc=args.num_proc,
         text_field=args.text_field,
     )
-    print(f"prepared {args.output}: {info}")
+    train, val = info.splits["train"], info.splits["val"]
+    print(
+        f"prepared {args.output}: train {train.num_tokens:,} tokens, val {val.num_tokens:,} "
+        f"tokens, vocab {info.vocab_size} ({info.dtype})"
+    )
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 from rich.logging import RichHandler
 
@@ -31,6 +32,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
     root.addHandler(handler)
     root.propagate = False
+    # megatron-core says so at import on every CPU-only machine; it is expected there.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     for noisy in ("DeepSpeed", "deepspeed", "megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _CONFIGURED = True

@@ -9,6 +9,7 @@ the field, before any process starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -46,19 +47,19 @@ def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, field: str = "--config", holds: str = "sections") -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError("--config", f"file {str(path)!r} does not exist")
+        raise ConfigError(field, f"file {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError("--config", f"{str(path)!r} is not valid YAML{where}") from None
+        raise ConfigError(field, f"{str(path)!r} is not valid YAML{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError("--config", f"{str(path)!r} must hold a mapping of sections")
+        raise ConfigError(field, f"{str(path)!r} must hold a mapping of {holds}")
     return data
 
 
@@ -70,16 +71,18 @@ def _compose_model(raw: dict[str, Any], run_file: Path) -> dict[str, Any]:
     if not isinstance(model, dict) or MODEL_BASE_KEY not in model:
         return raw
     name = model[MODEL_BASE_KEY]
-    candidates = [run_file.parent / name, run_file.parent / f"{name}.yaml"]
-    candidates += [run_file.parent.parent / "models" / f"{name}.yaml"]
-    candidates += [Path("configs/models") / f"{name}.yaml"]
+    if str(name).endswith((".yaml", ".yml")):  # a path, relative to the run file or cwd
+        candidates = [run_file.parent / name, Path(name)]
+    else:  # a preset name
+        candidates = [run_file.parent.parent / "models" / f"{name}.yaml"]
+        candidates += [Path("configs/models") / f"{name}.yaml"]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise ConfigError(
             "model.base",
             f"model file {name!r} not found (looked in {', '.join(str(c) for c in candidates)})",
         )
-    base = _read_yaml(found)
+    base = _read_yaml(found, "model.base", "fields")
     merged = {**base, **{k: v for k, v in model.items() if k != MODEL_BASE_KEY}}
     return {**raw, "model": merged}
 
@@ -89,11 +92,19 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
         raise ConfigError(
-            override, "overrides are written section.field=value, e.g. parallel.tp=2"
+            key.strip() or override,
+            f"override {override!r} must be written section.field=value, e.g. parallel.tp=2",
         )
     section, name = parts
-    value = yaml.safe_load(text) if text.strip() else None
-    target = raw.setdefault(section, {})
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(
+            key.strip(), f"value {text!r} is not valid YAML; fix it or put it in quotes"
+        ) from None
+    if raw.get(section) is None:  # `train:` with nothing under it is an empty section
+        raw[section] = {}
+    target = raw[section]
     if not isinstance(target, dict):
         raise ConfigError(section, "must be a mapping of fields")
     target[name] = value
@@ -106,10 +117,11 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         raise ConfigError(path or "config", f"expected a mapping of fields, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
-        where = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise ConfigError(where, f"unknown field; known fields are {', '.join(fields)}")
+        where = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        kind = "field" if path else "section"
+        raise ConfigError(where, f"unknown {kind}; known {kind}s are {', '.join(fields)}")
     values = {}
     for name, value in raw.items():
         where = f"{path}.{name}" if path else name
@@ -150,6 +162,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             value = _yaml11_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(where, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(where, f"expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

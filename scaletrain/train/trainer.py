@@ -116,7 +116,8 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_sec": tokens_per_sec,
-            "mfu": self.flops_per_token * tokens_per_sec
+            "mfu": self.flops_per_token
+            * tokens_per_sec
             / (self.peak_flops * self.topology.world_size),
             "peak_mem_bytes": peak_memory_bytes(self.topology.device),
             "step_time": elapsed,
@@ -132,8 +133,12 @@ class Trainer:
         """Mean loss over the first `eval_batches` global batches of the validation split."""
         dims, c = self.resolved.dims, self.config
         sampler = GlobalBatchSampler(
-            len(self.val_set), self.resolved.global_batch, self.topology.dp_rank, dims.dp,
-            c.train.seed, shuffle=False,
+            len(self.val_set),
+            self.resolved.global_batch,
+            self.topology.dp_rank,
+            dims.dp,
+            c.train.seed,
+            shuffle=False,
         )
         self.engine.eval()
         losses = []
@@ -151,9 +156,12 @@ class Trainer:
     def run(self) -> RunSummary:
         log.info(
             "training %s on %d rank(s) [%s], global batch %d x %d tokens, %d steps",
-            _count_params(self.engine.module), self.topology.world_size,
-            self.resolved.dims.describe(), self.resolved.global_batch,
-            self.config.train.seq_len, self.config.train.steps,
+            _count_params(self.engine.module),
+            self.topology.world_size,
+            self.resolved.dims.describe(),
+            self.resolved.global_batch,
+            self.config.train.seq_len,
+            self.config.train.steps,
         )
         metrics: dict[str, float] = {}
         val_loss = None
@@ -162,8 +170,9 @@ class Trainer:
             if self._eval_due():
                 val_loss = metrics["val_loss"] = self.evaluate()
             self.metrics.log_step(metrics)
-        summary = RunSummary(self.step, metrics.get("loss", math.nan), val_loss,
-                             metrics.get("tokens_per_sec", 0.0))
+        summary = RunSummary(
+            self.step, metrics.get("loss", math.nan), val_loss, metrics.get("tokens_per_sec", 0.0)
+        )
         val_text = f"{summary.final_val_loss:.4f}" if summary.final_val_loss is not None else "n/a"
         self.metrics.summary(
             f"done: {summary.steps} steps, final train loss {summary.final_loss:.4f}, "
