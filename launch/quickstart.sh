@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Fresh machine -> trained model: set up .venv, tokenize Python's standard library into
+# data/stdlib, and train configs/runs/quickstart.yaml on 2 simulated CPU ranks (DP=2, ZeRO-1).
+# Extra arguments are config overrides, e.g. `bash launch/quickstart.sh train.steps=50`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+.venv/bin/scaletrain data prepare --stdlib --output data/stdlib --vocab-size 4096
+exec .venv/bin/scaletrain launch local --nproc 2 --config configs/runs/quickstart.yaml "$@"
