@@ -38,8 +38,8 @@ def check_config(config: Config, world_size: int, check_data: bool = True) -> Re
     )
     _check_model(config, dims)
     _check_precision(config)
+    micro, accum, global_batch = _check_batch(config, dims)  # before optim: it checks steps
     _check_optim(config)
-    micro, accum, global_batch = _check_batch(config, dims)
     vocab = _check_data(config) if check_data else config.model.vocab_size
     if vocab is None:
         raise ConfigError("model.vocab_size", "is null and no data metadata was read; set it")
@@ -61,22 +61,33 @@ def check_config(config: Config, world_size: int, check_data: bool = True) -> Re
 
 
 def _check_unsupported(config: Config) -> None:
-    if config.parallel.pp != 1:
+    # Only values above the supported one are "not supported"; 0 or negative degrees get the
+    # plain range message from ParallelDims.resolve / below.
+    if config.parallel.pp > 1:
         raise ConfigError(
             "parallel.pp",
             f"pipeline parallelism is not supported yet (got {config.parallel.pp}); use pp=1",
         )
-    if config.model.num_experts != 0:
+    if config.model.num_experts < 0:
+        raise ConfigError(
+            "model.num_experts", f"must be >= 0 (0 = dense), got {config.model.num_experts}"
+        )
+    if config.model.num_experts > 0:
         raise ConfigError(
             "model.num_experts",
             f"mixture of experts is not supported yet (got {config.model.num_experts}); use 0",
         )
-    if config.parallel.ep != 1:
+    if config.parallel.ep > 1:
         raise ConfigError(
             "parallel.ep",
             f"expert parallelism is not supported yet (got {config.parallel.ep}); use ep=1",
         )
-    if config.checkpoint.interval != 0:
+    if config.checkpoint.interval < 0:
+        raise ConfigError(
+            "checkpoint.interval",
+            f"must be >= 0 (0 disables), got {config.checkpoint.interval}",
+        )
+    if config.checkpoint.interval > 0:
         raise ConfigError(
             "checkpoint.interval",
             f"checkpoint saving is not supported yet (got {config.checkpoint.interval}); use 0",
@@ -169,7 +180,8 @@ def _check_precision(config: Config) -> None:
     if p.dtype != "fp16" and p.loss_scale > 0:
         raise ConfigError(
             "precision.loss_scale",
-            f"({p.loss_scale}) only applies to fp16, but precision.dtype is {p.dtype!r}",
+            f"({p.loss_scale}) only applies to fp16, but precision.dtype is {p.dtype!r}; "
+            "set it to 0",
         )
 
 
@@ -199,10 +211,16 @@ def _check_batch(config: Config, dims: ParallelDims) -> tuple[int, int, int]:
     for name in ("micro_batch", "seq_len", "steps", "eval_batches"):
         _positive(getattr(t, name), f"train.{name}")
     if t.eval_interval < 0:
-        raise ConfigError("train.eval_interval", f"must be >= 0 (0 disables), got {t.eval_interval}")
+        raise ConfigError(
+            "train.eval_interval", f"must be >= 0 (0 disables), got {t.eval_interval}"
+        )
+    if not 0 <= t.seed < 2**32:  # numpy's seed range
+        raise ConfigError("train.seed", f"must be in [0, 2**32), got {t.seed}")
     if not t.run_dir:
         raise ConfigError("train.run_dir", "must not be empty")
     _positive(config.logging.interval, "logging.interval")
+    if config.logging.peak_tflops is not None:
+        _positive(config.logging.peak_tflops, "logging.peak_tflops")
     per_step = t.micro_batch * dims.dp
     if t.grad_accum is not None:
         _positive(t.grad_accum, "train.grad_accum")
@@ -231,7 +249,8 @@ def _check_data(config: Config) -> int:
     d = config.data
     if not d.paths:
         raise ConfigError(
-            "data.paths", "is empty; prepare data with `scaletrain data prepare` and list its folder"
+            "data.paths",
+            "is empty; prepare data with `scaletrain data prepare` and list its folder",
         )
     if d.weights is not None:
         if len(d.weights) != len(d.paths):
@@ -240,18 +259,23 @@ def _check_data(config: Config) -> int:
                 f"has {len(d.weights)} entries but data.paths has {len(d.paths)}; give one each",
             )
         if any(w < 0 for w in d.weights) or sum(d.weights) <= 0:
-            raise ConfigError(
-                "data.weights", f"({d.weights}) must be >= 0 with a positive sum"
-            )
+            raise ConfigError("data.weights", f"({d.weights}) must be >= 0 with a positive sum")
     vocab_sizes = []
     for i, path in enumerate(d.paths):
         meta = Path(path) / METADATA_FILE
         if not meta.is_file():
             raise ConfigError(
                 f"data.paths[{i}]",
-                f"{path!r} has no {METADATA_FILE}; run `scaletrain data prepare --output {path} ...`",
+                f"{path!r} has no {METADATA_FILE}; "
+                f"run `scaletrain data prepare --output {path} ...`",
             )
-        vocab_sizes.append(int(json.loads(meta.read_text())["vocab_size"]))
+        try:
+            vocab_sizes.append(int(json.loads(meta.read_text())["vocab_size"]))
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(
+                f"data.paths[{i}]",
+                f"{str(meta)!r} has no integer vocab_size; prepare {path!r} again",
+            ) from None
     if len(set(vocab_sizes)) > 1:
         raise ConfigError(
             "data.paths",

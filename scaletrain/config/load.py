@@ -143,33 +143,42 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is Literal:
         if value not in args:
             choices = " | ".join(str(a) for a in args)
-            raise ConfigError(where, f"{value!r} is not one of {choices}")
+            raise ConfigError(where, f"{_show(value)} is not one of {choices}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(where, f"expected a list, got {value!r}")
+            raise ConfigError(where, f"expected a list, got {_show(value)}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(where, f"expected true or false, got {value!r}")
+            raise ConfigError(where, f"expected true or false, got {_show(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(where, f"expected an integer, got {value!r}")
+            raise ConfigError(where, f"expected an integer, got {_show(value)}")
         return value
     if hint is float:
         if isinstance(value, str):
             value = _yaml11_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(where, f"expected a number, got {value!r}")
+            raise ConfigError(where, f"expected a number, got {_show(value)}")
         if not math.isfinite(value):
-            raise ConfigError(where, f"expected a finite number, got {value!r}")
+            raise ConfigError(where, f"expected a finite number, got {_show(value)}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(where, f"expected a string, got {value!r}")
+            raise ConfigError(where, f"expected a string, got {_show(value)}")
         return value
     raise TypeError(f"unsupported config type {hint!r} at {where}")
+
+
+def _show(value: Any) -> str:
+    """A bad value as the user wrote it in YAML (null, true) rather than Python (None, True)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
 
 
 def _yaml11_float(text: str) -> float | str:
