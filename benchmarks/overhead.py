@@ -1,6 +1,6 @@
 """What scaletrain's engine costs over a plain PyTorch loop: step-time ratio, same model and data.
 
-    DS_ACCELERATOR=cpu .venv/bin/python benchmarks/overhead.py [--steps 30] [section.field=value ...]
+    DS_ACCELERATOR=cpu .venv/bin/python benchmarks/overhead.py [--steps 30] [overrides]
 
 One process, one rank (TP1, DP1, ZeRO-0, fp32). Both loops train the same GPT (same seed, so
 the same initial weights) on the same batches with AdamW, warmup+cosine and gradient clipping:
@@ -19,15 +19,15 @@ import time
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import torch  # noqa: E402
+import torch
 
-from scaletrain.config import check_config, load_config  # noqa: E402
-from scaletrain.logs import setup_logging  # noqa: E402
-from scaletrain.models.gpt import GPT  # noqa: E402
-from scaletrain.models.parallel import TensorParallel  # noqa: E402
-from scaletrain.topology.init import init_topology, seed_everything  # noqa: E402
-from scaletrain.train.schedule import build_scheduler  # noqa: E402
-from scaletrain.train.trainer import Trainer  # noqa: E402
+from scaletrain.config import check_config, load_config
+from scaletrain.logs import setup_logging
+from scaletrain.models.gpt import GPT
+from scaletrain.models.parallel import TensorParallel
+from scaletrain.topology.init import init_topology, seed_everything
+from scaletrain.train.schedule import build_scheduler
+from scaletrain.train.trainer import Trainer
 
 BASE = [
     "parallel.tp=1",

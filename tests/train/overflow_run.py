@@ -1,6 +1,6 @@
 """Train the tiny config with an fp16 overflow injected at one step (test-only fault hook).
 
-    torchrun --nproc-per-node N tests/train/overflow_run.py --overflow-step K --config ... [overrides]
+    torchrun --nproc-per-node N tests/train/overflow_run.py --overflow-step K --config C ...
 
 The loss of step K is multiplied by inf before backward, so every gradient overflows there;
 DeepSpeed must skip that optimizer step on every rank and lower the loss scale.
