@@ -7,15 +7,17 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
 stamp=".venv/.scaletrain-installed-$(sha1sum pyproject.toml | cut -c1-12)"
-if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
+[ -f "$stamp" ] && exit 0
+echo "setup: installing into .venv (log: .venv/setup.log)"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+log=.venv/setup.log
+{
+  .venv/bin/python -m pip install --upgrade pip
   if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
+    .venv/bin/python -m pip install "$TORCH_SPEC"
   fi
-  .venv/bin/python -m pip install --quiet -e ".[dev]"
-  touch "$stamp"
-fi
+  .venv/bin/python -m pip install -e ".[dev]"
+} >"$log" 2>&1 || { tail -n 30 "$log"; echo "setup: failed, see $log" >&2; exit 1; }
+touch "$stamp"
+echo "setup: done"

@@ -18,6 +18,18 @@ def matmul_params(cfg: ModelConfig, padded_vocab_size: int) -> int:
     return cfg.num_layers * (qkv + out + mlp) + cfg.hidden_size * padded_vocab_size
 
 
+def parameter_count(cfg: ModelConfig, padded_vocab_size: int) -> int:
+    """All weights of the model (embedding, blocks, norms, and the head unless tied)."""
+    embedding = padded_vocab_size * cfg.hidden_size
+    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
+    head = 0 if cfg.tie_embeddings else embedding
+    return (
+        matmul_params(cfg, padded_vocab_size)
+        - cfg.hidden_size * padded_vocab_size
+        + (embedding + head + norms)
+    )
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, padded_vocab_size: int) -> float:
     """Forward + backward FLOPs for one token of a `seq_len` sequence."""
     dense = 2 * matmul_params(cfg, padded_vocab_size)
