@@ -22,6 +22,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch
 
 from scaletrain.config import check_config, load_config
+from scaletrain.logs import setup_logging
 from scaletrain.models.gpt import GPT
 from scaletrain.models.parallel import TensorParallel
 from scaletrain.topology.init import init_topology, seed_everything
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3, help="alternations")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    setup_logging()
     total = args.warmup + args.steps
     config = load_config(args.config, [*BASE, f"train.steps={2 * total}", *args.overrides])
     resolved = check_config(config, world_size=1)

@@ -93,9 +93,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "train":
         from scaletrain.logs import setup_logging
-
-        setup_logging()  # before megatron-core is imported: it warns at import time
         from scaletrain.train.trainer import train
+
+        setup_logging()
 
         train(load_config(args.config, args.overrides))
         return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 
 from rich.logging import RichHandler
 
@@ -32,10 +31,6 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
     root.addHandler(handler)
     root.propagate = False
-    # megatron-core says so at import on every CPU-only machine; it is expected there.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    # DeepSpeed still calls collectives torch has renamed; nothing for a user to act on.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
     for noisy in ("DeepSpeed", "deepspeed", "megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _CONFIGURED = True
