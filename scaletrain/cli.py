@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_cmds.add_parser("check", help="validate for a world size, start nothing")
     _add_config_args(check)
     check.add_argument("--world-size", type=int, required=True, help="number of ranks")
+    config_cmds.add_parser("reference", help="print the markdown reference of every field")
 
     data = commands.add_parser("data", help="prepare token shards")
     data_cmds = data.add_subparsers(dest="action", required=True)
@@ -78,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from scaletrain.config import check_config, dump_yaml, load_config
 
+    if args.command == "config" and args.action == "reference":
+        from scaletrain.config.reference import config_reference
+
+        print(config_reference(), end="")
+        return 0
     if args.command == "config":
         config = load_config(args.config, args.overrides)
         if args.action == "show":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 _CONFIGURED = False
@@ -25,7 +26,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     global _CONFIGURED
     if _CONFIGURED:
         return
-    handler = RichHandler(show_path=False, show_time=True, markup=False, rich_tracebacks=False)
+    handler = RichHandler(
+        console=Console(stderr=True),  # stdout stays for results and the progress lines
+        show_path=False,
+        show_time=True,
+        markup=False,
+        rich_tracebacks=False,
+    )
     handler.addFilter(_RankFilter(int(os.environ.get("RANK", 0))))
     root = logging.getLogger("scaletrain")
     root.setLevel(level)

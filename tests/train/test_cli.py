@@ -1,0 +1,100 @@
+"""The user-facing commands end to end: data prepare, launch local, blended data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import REPO, TINY, rank_env, read_metrics, train
+
+pytestmark = pytest.mark.slow
+
+
+def scaletrain(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "scaletrain", *args],
+        cwd=REPO,
+        env=rank_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_launch_local_trains_and_prints_final_losses(stdlib_data: Path, tmp_path: Path) -> None:
+    done = scaletrain(
+        "launch",
+        "local",
+        "--nproc",
+        "2",
+        "--config",
+        str(TINY),
+        f"data.paths=[{stdlib_data}]",
+        f"train.run_dir={tmp_path}",
+        "parallel.zero_stage=1",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    last = metrics[-1]
+    summary = (
+        f"done: 6 steps, final train loss {last['loss']:.4f}, "
+        f"validation loss {last['val_loss']:.4f}"
+    )
+    assert summary in done.stdout
+    assert (tmp_path / "config.yaml").read_text().count("zero_stage: 1") == 1
+
+
+def test_launch_local_rejects_a_bad_layout_before_starting(stdlib_data: Path) -> None:
+    done = scaletrain(
+        "launch",
+        "local",
+        "--nproc",
+        "3",
+        "--config",
+        str(TINY),
+        f"data.paths=[{stdlib_data}]",
+        "parallel.tp=2",
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "config error: parallel: world size (3) is not divisible by tp (2) * pp (1); "
+        "change tp/pp or the number of ranks\n"
+    )
+    assert "torch.distributed.run" not in done.stdout + done.stderr
+
+
+def test_prepare_with_shared_tokenizer_then_blend(stdlib_data: Path, tmp_path: Path) -> None:
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(30):
+        (texts / f"doc{i}.txt").write_text(f"document {i}: " + "lorem ipsum dolor sit amet " * 40)
+    second = tmp_path / "second"
+    args = ["data", "prepare", "--input", str(texts), "--output", str(second)]
+    args += ["--tokenizer", str(stdlib_data / "tokenizer")]
+    first_run = scaletrain(*args)
+    assert first_run.returncode == 0, first_run.stderr[-2000:]
+    metadata = second / "metadata.json"
+    stamp = metadata.stat().st_mtime_ns
+    again = scaletrain(*args)
+    assert again.returncode == 0 and metadata.stat().st_mtime_ns == stamp
+    assert again.stdout == first_run.stdout
+    meta = json.loads(metadata.read_text())
+    assert (
+        meta["vocab_size"] == json.loads((stdlib_data / "metadata.json").read_text())["vocab_size"]
+    )
+
+    blended = train(
+        1,
+        tmp_path / "run",
+        stdlib_data,
+        f"data.paths=[{stdlib_data},{second}]",
+        "data.weights=[0.7,0.3]",
+        "train.eval_interval=0",
+    )
+    assert [m["step"] for m in blended] == [1, 2, 3, 4, 5, 6]
+    assert blended[-1]["loss"] < blended[0]["loss"]
