@@ -22,6 +22,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch
 
 from scaletrain.config import check_config, load_config
+from scaletrain.data import GlobalBatchSampler
+from scaletrain.engine.deepspeed import param_groups
 from scaletrain.logs import setup_logging
 from scaletrain.models.gpt import GPT
 from scaletrain.models.parallel import TensorParallel
@@ -38,6 +40,8 @@ BASE = [
     "train.eval_interval=0",
     "logging.jsonl=false",
     "train.run_dir=runs/bench-overhead",
+    "optim.warmup_steps=1",
+    "checkpoint.resume=none",
 ]
 
 
@@ -50,18 +54,18 @@ class PlainLoop:
         self.model = GPT(config.model, resolved.padded_vocab_size, TensorParallel(1, None))
         o = config.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=o.lr,
-            betas=(o.beta1, o.beta2),
-            eps=o.eps,
-            weight_decay=o.weight_decay,
+            param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
         )
         self.scheduler = build_scheduler(self.optimizer, o, config.train.steps)
         self.clip = o.grad_clip
         self.trainer = trainer
+        # Its own sampler with the same seed: the same batches, in the same order, as scaletrain.
+        self.sampler = GlobalBatchSampler(
+            len(trainer.train_set), resolved.global_batch, 0, 1, config.train.seed
+        )
 
     def step(self) -> float:
-        windows = self.trainer._windows(self.trainer.train_set, self.trainer.sampler.next_batch())
+        windows = self.trainer._windows(self.trainer.train_set, self.sampler.next_batch())
         loss = self.model(windows)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)

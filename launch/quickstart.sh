@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+
 .venv/bin/scaletrain data prepare --stdlib --output data/stdlib --vocab-size 4096
 exec .venv/bin/scaletrain launch local --nproc 2 --config configs/runs/quickstart.yaml "$@"

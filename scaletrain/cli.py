@@ -6,7 +6,8 @@
     scaletrain launch local --nproc 2 --config configs/runs/quickstart.yaml
     torchrun --nproc-per-node 2 -m scaletrain train --config configs/runs/quickstart.yaml
 
-Errors a user can fix print one line on stderr and exit with status 2.
+Errors a user can fix print one line on stderr and exit with status 2; a run stopped by a
+signal or its time limit saves a checkpoint and exits with 75 (run it again to resume).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import os
 import sys
 
 from scaletrain.errors import ConfigError, ScaletrainError
-
-USAGE_ERROR = 2
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except ScaletrainError as err:
         print(str(err).splitlines()[0], file=sys.stderr)
-        return USAGE_ERROR
+        return err.exit_code
 
 
 def _dispatch(args: argparse.Namespace) -> int:

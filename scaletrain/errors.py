@@ -6,6 +6,8 @@ from __future__ import annotations
 class ScaletrainError(Exception):
     """A problem the user can fix; the CLI prints `str(err)` on one line and exits 2."""
 
+    exit_code = 2
+
 
 class ConfigError(ScaletrainError):
     """A bad config value: names the field path and how to fix it."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -26,13 +27,17 @@ def setup_logging(level: int = logging.INFO) -> None:
     global _CONFIGURED
     if _CONFIGURED:
         return
-    handler = RichHandler(
-        console=Console(stderr=True),  # stdout stays for results and the progress lines
-        show_path=False,
-        show_time=True,
-        markup=False,
-        rich_tracebacks=False,
-    )
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(
+            console=Console(stderr=True),  # stdout stays for results and the progress lines
+            show_path=False,
+            markup=False,
+            rich_tracebacks=False,
+        )
+    else:  # log files (SLURM, CI): one unwrapped line per record, easy to grep
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.addFilter(_RankFilter(int(os.environ.get("RANK", 0))))
     root = logging.getLogger("scaletrain")
     root.setLevel(level)

@@ -6,6 +6,7 @@ differ in the last bits of the loss on these CPUs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -48,18 +49,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train(nproc: int, run_dir: Path, data: Path, *overrides: str) -> list[dict]:
     """Train the tiny config on `nproc` ranks; returns the per-step metrics."""
-    torchrun(
-        nproc,
-        "-m",
-        "scaletrain",
-        "train",
-        "--config",
-        str(TINY),
-        f"data.paths=[{data}]",
-        f"train.run_dir={run_dir}",
-        *overrides,
-    )
-    return read_metrics(run_dir)
+    return train_with_output(nproc, run_dir, data, *overrides)[0]
+
+
+def train_with_output(
+    nproc: int, run_dir: Path, data: Path, *overrides: str
+) -> tuple[list[dict], str]:
+    """Like `train`, and also what the ranks printed (stdout + stderr)."""
+    config = ("--config", str(TINY), f"data.paths=[{data}]", f"train.run_dir={run_dir}")
+    done = torchrun(nproc, "-m", "scaletrain", "train", *config, *overrides)
+    return read_metrics(run_dir), done.stdout + done.stderr
 
 
 def assert_losses_close(got: list[dict], want: list[dict], rel: float, key: str = "loss") -> None:
@@ -69,3 +68,67 @@ def assert_losses_close(got: list[dict], want: list[dict], rel: float, key: str 
     assert [s for s, _ in got_values] == [s for s, _ in want_values]
     worst = max(abs(g - w) / abs(w) for (_, g), (_, w) in zip(got_values, want_values, strict=True))
     assert worst <= rel, f"{key}: max relative difference {worst:.3e} > {rel:.1e}"
+
+
+def start_training(nproc: int, run_dir: Path, data: Path, *overrides: str) -> subprocess.Popen:
+    """Start the tiny config on `nproc` ranks in the background (its output goes to a log)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = (run_dir / "launcher.log").open("a")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "scaletrain",
+        "train",
+        "--config",
+        str(TINY),
+        f"data.paths=[{data}]",
+        f"train.run_dir={run_dir}",
+        *overrides,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=rank_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Block until metrics.jsonl holds `step` (fails if the run ends or stalls first)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and any(m["step"] >= step for m in _complete_lines(path)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended ({proc.returncode}) before step {step}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def _complete_lines(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):  # a line being written right now
+            out.append(json.loads(line))
+    return out
+
+
+def rank_pids(proc: subprocess.Popen) -> list[int]:
+    """The training ranks started by a torchrun process, ordered by pid."""
+    import psutil
+
+    children = psutil.Process(proc.pid).children(recursive=True)
+    return sorted(c.pid for c in children if "scaletrain" in " ".join(c.cmdline()))
+
+
+def launcher_log(run_dir: Path) -> str:
+    return (run_dir / "launcher.log").read_text()

@@ -40,6 +40,8 @@ def check_config(config: Config, world_size: int, check_data: bool = True) -> Re
     _check_precision(config)
     micro, accum, global_batch = _check_batch(config, dims)  # before optim: it checks steps
     _check_optim(config)
+    _check_checkpoint(config)
+    _check_fault(config)
     vocab = _check_data(config) if check_data else config.model.vocab_size
     if vocab is None:
         raise ConfigError("model.vocab_size", "is null and no data metadata was read; set it")
@@ -82,15 +84,66 @@ def _check_unsupported(config: Config) -> None:
             "parallel.ep",
             f"expert parallelism is not supported yet (got {config.parallel.ep}); use ep=1",
         )
-    if config.checkpoint.interval < 0:
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "D-HH:MM:SS", "HH:MM:SS", "MM:SS" (SLURM's forms) or a plain number."""
+    days, _, clock = text.strip().rpartition("-")
+    parts = clock.split(":")
+    if not 1 <= len(parts) <= 3 or (days and not days.isdigit()):
+        raise ValueError(text)
+    seconds = 0.0
+    for part in parts:
+        seconds = seconds * 60 + float(part)
+    return seconds + 86400 * int(days or 0)
+
+
+def _check_checkpoint(config: Config) -> None:
+    c = config.checkpoint
+    if c.interval < 0:
+        raise ConfigError("checkpoint.interval", f"must be >= 0 (0 disables), got {c.interval}")
+    if c.interval_minutes < 0:
         raise ConfigError(
-            "checkpoint.interval",
-            f"must be >= 0 (0 disables), got {config.checkpoint.interval}",
+            "checkpoint.interval_minutes", f"must be >= 0 (0 disables), got {c.interval_minutes}"
         )
-    if config.checkpoint.interval > 0:
+    if c.keep_last < 1:
         raise ConfigError(
-            "checkpoint.interval",
-            f"checkpoint saving is not supported yet (got {config.checkpoint.interval}); use 0",
+            "checkpoint.keep_last", f"must be >= 1 (the newest is never deleted), got {c.keep_last}"
+        )
+    if c.keep_every < 0:
+        raise ConfigError("checkpoint.keep_every", f"must be >= 0 (0 disables), got {c.keep_every}")
+    if c.dir is not None and not c.dir:
+        raise ConfigError("checkpoint.dir", "must not be empty; use null for <run_dir>/checkpoints")
+    if not c.resume:
+        raise ConfigError("checkpoint.resume", "must be auto, none, or a checkpoint folder")
+    limit = config.train.time_limit
+    if limit is not None:
+        try:
+            seconds = parse_duration(limit)
+        except ValueError:
+            raise ConfigError(
+                "train.time_limit",
+                f"{limit!r} is not a duration; write HH:MM:SS, D-HH:MM:SS or seconds",
+            ) from None
+        if seconds <= 0:
+            raise ConfigError("train.time_limit", f"must be > 0, got {limit!r}")
+
+
+def _check_fault(config: Config) -> None:
+    f = config.fault
+    if f.max_consecutive_skips < 0:
+        raise ConfigError(
+            "fault.max_consecutive_skips",
+            f"must be >= 0 (0 never rolls back), got {f.max_consecutive_skips}",
+        )
+    if f.spike_zscore < 0:
+        raise ConfigError("fault.spike_zscore", f"must be >= 0 (0 disables), got {f.spike_zscore}")
+    if f.spike_window < 2:
+        raise ConfigError("fault.spike_window", f"must be >= 2 steps, got {f.spike_window}")
+    _positive(f.collective_timeout_minutes, "fault.collective_timeout_minutes")
+    if f.heartbeat_seconds < 0:
+        raise ConfigError(
+            "fault.heartbeat_seconds", f"must be >= 0 (0 disables), got {f.heartbeat_seconds}"
         )
 
 

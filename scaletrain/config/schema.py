@@ -147,6 +147,8 @@ class TrainConfig:
     """Where metrics.jsonl, the resolved config and (later) checkpoints go."""
     deterministic: bool = False
     """Pin one intra-op thread per rank so that identical runs give identical bits on CPU."""
+    time_limit: str | None = None
+    """Wall-clock budget ("HH:MM:SS", "D-HH:MM:SS" or seconds): save and exit before it ends."""
 
 
 @dataclass
@@ -163,10 +165,46 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpointing (arrives with the checkpoint release)."""
+    """Sharded, atomic checkpoints and how a run resumes from them."""
 
     interval: int = 0
-    """Save every N steps; must be 0 until sharded checkpoints are supported."""
+    """Save every N steps; 0 saves only at the end, on a signal and at the time limit."""
+    interval_minutes: float = 0.0
+    """Also save when this many minutes have passed since the last save; 0 disables."""
+    dir: str | None = None
+    """Where checkpoints go; null means <train.run_dir>/checkpoints."""
+    keep_last: int = 3
+    """Keep the newest K checkpoints (at least 1)."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of M, forever; 0 keeps none extra."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint, if any), none (start fresh), or a checkpoint folder."""
+    save_at_end: bool = True
+    """Save a checkpoint after the last step."""
+    load_weights_only: bool = False
+    """Take only the model weights from the resumed checkpoint (fresh optimizer, step 0)."""
+    allow_external_pickle: bool = False
+    """Allow unpickling DeepSpeed's files of a checkpoint outside this run's checkpoint folder
+    (pickle can run code: only for checkpoints you trust)."""
+
+
+@dataclass
+class FaultConfig:
+    """What the run does about bad steps, hangs and interruptions."""
+
+    max_consecutive_skips: int = 3
+    """After this many skipped (non-finite) steps in a row, roll back to the last checkpoint;
+    0 never rolls back."""
+    spike_zscore: float = 0.0
+    """Flag a loss more than this many standard deviations above the recent mean; 0 disables."""
+    spike_window: int = 50
+    """Steps of loss history the spike detector compares against."""
+    spike_action: Literal["log", "skip", "rollback"] = "log"
+    """What a spike does: only log it, skip that step's update, or roll back."""
+    collective_timeout_minutes: float = 10.0
+    """A collective that waits longer than this fails the run instead of hanging it."""
+    heartbeat_seconds: float = 60.0
+    """Rank 0 names the ranks whose heartbeat is older than this when a step hangs; 0 disables."""
 
 
 @dataclass
@@ -202,6 +240,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     """Training data."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Checkpointing."""
+    """Checkpointing and resume."""
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    """Guards against bad steps and hangs."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and progress output."""

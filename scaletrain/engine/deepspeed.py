@@ -41,7 +41,7 @@ def ds_config(config: Config, resolved: Resolved) -> dict[str, Any]:
         "train_batch_size": resolved.global_batch,
         "train_micro_batch_size_per_gpu": resolved.micro_batch,
         "gradient_accumulation_steps": resolved.grad_accum,
-        "gradient_clipping": config.optim.grad_clip,
+        "gradient_clipping": 0.0 if clips_itself(config) else config.optim.grad_clip,
         "zero_optimization": {
             "stage": config.parallel.zero_stage,
             "reduce_bucket_size": bucket_size(config, resolved),
@@ -120,23 +120,31 @@ def initialize_engine(
     return engine
 
 
-def grad_norm_before_step(engine: Any) -> float | None:
-    """The global gradient norm, for the one case where DeepSpeed does not report it.
+def clips_itself(config: Config) -> bool:
+    """ZeRO-0 in fp32: DeepSpeed clips there through a helper whose norm it drops, so we
+    clip (and keep the norm) ourselves instead of computing the norm a second time."""
+    return config.parallel.zero_stage == 0 and config.precision.dtype == "fp32"
 
-    ZeRO-0 in fp32 clips through a helper whose return value the engine drops, so
-    `get_global_grad_norm()` stays None; call this after the last backward of a step.
-    TP-replicated parameters (norm gains) are counted once, as megatron-core does.
+
+def norm_and_clip(engine: Any, max_norm: float) -> float:
+    """Global gradient norm, then clip to `max_norm` (0: no clipping); ZeRO-0 fp32 only.
+
+    Call after the last backward of a step. TP-replicated parameters (norm gains) are counted
+    once, as megatron-core does; the clip coefficient is torch's / DeepSpeed's.
     """
-    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
-        return None
     import torch.distributed as dist
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    grads = [
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    unique = [
         p.grad
         for p in engine.module.parameters()
         if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)
     ]
-    squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+    squares = torch.stack([g.float().pow(2).sum() for g in unique]).sum()
     dist.all_reduce(squares, group=engine.mpu.get_model_parallel_group())
-    return squares.sqrt().item()
+    norm = squares.sqrt()
+    if max_norm > 0:
+        coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coefficient)
+    return norm.item()

@@ -23,6 +23,9 @@ from scaletrain.topology.megatron import DeepSpeedMpu, ProcessGroups, build_grou
 
 def select_device() -> tuple[torch.device, str]:
     """(device, backend) for this process; also tells DeepSpeed which accelerator to use."""
+    # megatron-core's async TP all-reduce wants one CUDA work queue (it warns otherwise); must be
+    # set before the CUDA context exists, and means nothing on the CPU.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)

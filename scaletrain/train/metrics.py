@@ -57,7 +57,14 @@ def _measure_cpu_matmul_flops(size: int = 512, seconds: float = 0.2) -> float:
 class MetricsWriter:
     """Rank 0's sink for per-step metrics."""
 
-    def __init__(self, config: Config, run_dir: Path, total_steps: int, enabled: bool) -> None:
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path,
+        total_steps: int,
+        enabled: bool,
+        resumed_step: int = 0,
+    ) -> None:
         self.enabled = enabled
         self.interval = config.logging.interval
         self.total_steps = total_steps
@@ -69,7 +76,9 @@ class MetricsWriter:
         if not enabled:
             return
         if config.logging.jsonl:
-            self.jsonl = (run_dir / METRICS_FILE).open("a", buffering=1)
+            path = run_dir / METRICS_FILE
+            _drop_steps_after(path, resumed_step)
+            self.jsonl = path.open("a", buffering=1)
         if config.logging.wandb:
             self.wandb_run = _start_wandb(config, run_dir)
 
@@ -107,8 +116,27 @@ class MetricsWriter:
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
+            self.jsonl = None
         if self.wandb_run:
             self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _drop_steps_after(path: Path, step: int) -> None:
+    """A resumed run continues the curve: steps after the checkpoint are logged again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if _step(line) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line from a killed run: drop it
 
 
 def _duration(seconds: float) -> str:

@@ -1,8 +1,9 @@
-"""Build everything in a fixed order, then run a short loop: step -> log -> maybe evaluate.
+"""Build everything in a fixed order, then run a short loop: step -> log -> maybe evaluate ->
+maybe checkpoint -> maybe stop.
 
 Order: config checks (no processes yet) -> topology -> seed -> model -> DeepSpeed engine ->
-data -> metrics. The loss reported for a step is the mean over the whole global batch, so it is
-the same number whatever the layout.
+data -> resume from a checkpoint -> metrics. The loss reported for a step is the mean over the
+whole global batch, so it is the same number whatever the layout.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scaletrain.config.checks import Resolved, check_config
+from scaletrain.checkpoint.manager import CheckpointManager, TrainState
+from scaletrain.config.checks import Resolved, check_config, parse_duration
 from scaletrain.config.load import dump_yaml
 from scaletrain.config.schema import Config
 from scaletrain.data import GlobalBatchSampler, build_dataset
 from scaletrain.engine.deepspeed import (
-    grad_norm_before_step,
+    clips_itself,
     initialize_engine,
     model_init_context,
+    norm_and_clip,
 )
+from scaletrain.fault.signals import StopRequested, StopWatch, die_with_launcher
 from scaletrain.logs import get_logger
 from scaletrain.models.gpt import GPT
 from scaletrain.models.parallel import TensorParallel
@@ -60,14 +64,43 @@ class Trainer:
         with model_init_context(config, resolved, topology):
             model = GPT(config.model, resolved.padded_vocab_size, tp)
         self.engine = initialize_engine(model, config, resolved, topology)
+        self.own_clipping = clips_itself(config)
         self._build_data()
         self.tokens_per_step = resolved.global_batch * config.train.seq_len
         self.flops_per_token = flops_per_token(
             config.model, config.train.seq_len, resolved.padded_vocab_size
         )
         self.peak_flops = device_peak_flops(topology.device, config.logging.peak_tflops)
-        self.metrics = MetricsWriter(config, self.run_dir, config.train.steps, topology.is_main)
+        self.checkpoints = CheckpointManager(config, topology)
+        limit = config.train.time_limit
+        self.stopwatch = StopWatch(parse_duration(limit) if limit else None)
         self.step = 0
+        self._resume()
+        self.metrics = MetricsWriter(
+            config, self.run_dir, config.train.steps, topology.is_main, resumed_step=self.step
+        )
+
+    def _resume(self) -> None:
+        folder = self.checkpoints.select()
+        state = self.checkpoints.load(self.engine, folder) if folder else None
+        if state is not None:
+            self.step = state.step
+            self.sampler.load_state_dict(state.sampler)
+
+    def save(self) -> Path:
+        start = time.perf_counter()
+        sampler = self.sampler.state_dict()
+        consumed = sampler["consumed_samples"]
+        state = TrainState(
+            step=self.step,
+            consumed_samples=consumed,
+            consumed_tokens=consumed * self.config.train.seq_len,
+            sampler=sampler,
+            skipped_steps=self.engine.skipped_steps,
+        )
+        path = self.checkpoints.save(self.engine, state)
+        self.stopwatch.record_save(time.perf_counter() - start)
+        return path
 
     def _build_data(self) -> None:
         c, dims = self.config, self.resolved.dims
@@ -100,8 +133,8 @@ class Trainer:
         for micro in windows.split(self.resolved.micro_batch):
             loss = self.engine(micro)
             self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary():
-                grad_norm = grad_norm_before_step(self.engine)
+            if self.own_clipping and self.engine.is_gradient_accumulation_boundary():
+                grad_norm = norm_and_clip(self.engine, self.config.optim.grad_clip)
             self.engine.step()
             losses.append(loss.detach().float())
         if grad_norm is None:
@@ -153,6 +186,20 @@ class Trainer:
         last = self.step == self.config.train.steps
         return interval > 0 and (self.step % interval == 0 or last)
 
+    def _checkpoint_or_stop(self, step_time: float) -> None:
+        self.stopwatch.record_step(step_time)
+        reason = self.stopwatch.agreed_reason(self.topology.device)
+        finished = self.step == self.config.train.steps
+        save_at_end = finished and self.config.checkpoint.save_at_end
+        if reason or save_at_end or self.checkpoints.due(self.step):
+            path = self.save()
+            if reason:
+                self.metrics.close()
+                raise StopRequested(
+                    f"stopped after step {self.step} ({reason}); checkpoint {path} saved; "
+                    "run the same command to resume"
+                )
+
     def run(self) -> RunSummary:
         log.info(
             "training %s on %d rank(s) [%s], global batch %d x %d tokens, %d steps",
@@ -165,11 +212,15 @@ class Trainer:
         )
         metrics: dict[str, float] = {}
         val_loss = None
-        while self.step < self.config.train.steps:
-            metrics = self.train_step()
-            if self._eval_due():
-                val_loss = metrics["val_loss"] = self.evaluate()
-            self.metrics.log_step(metrics)
+        try:
+            while self.step < self.config.train.steps:
+                metrics = self.train_step()
+                if self._eval_due():
+                    val_loss = metrics["val_loss"] = self.evaluate()
+                self.metrics.log_step(metrics)
+                self._checkpoint_or_stop(metrics["step_time"])
+        finally:
+            self.stopwatch.restore()
         summary = RunSummary(
             self.step, metrics.get("loss", math.nan), val_loss, metrics.get("tokens_per_sec", 0.0)
         )
@@ -196,6 +247,7 @@ def _count_params(model: torch.nn.Module) -> str:
 def train(config: Config) -> RunSummary:
     """Check, bring up the ranks, train, tear down. The entry point of `scaletrain train`."""
     resolved = check_config(config, env_world_size())
+    die_with_launcher()
     if config.train.deterministic:
         torch.set_num_threads(1)
         torch.use_deterministic_algorithms(True)

@@ -18,10 +18,10 @@ import pytest
 from scaletrain.cli import main
 from scaletrain.config import checks
 
-SECTIONS = "model, parallel, precision, optim, train, data, checkpoint, logging"
+SECTIONS = "model, parallel, precision, optim, train, data, checkpoint, fault, logging"
 TRAIN_FIELDS = (
     "micro_batch, global_batch, grad_accum, seq_len, steps, eval_interval, eval_batches, seed, "
-    "run_dir, deterministic"
+    "run_dir, deterministic, time_limit"
 )
 OVERRIDE_SYNTAX = "must be written section.field=value, e.g. parallel.tp=2"
 
@@ -306,10 +306,36 @@ CASES = [
         expected="config error: model.num_experts: must be >= 0 (0 = dense), got -1",
     ),
     case(
-        "checkpoint_not_supported",
-        "checkpoint.interval=100",
-        expected="config error: checkpoint.interval: checkpoint saving is not supported yet "
-        "(got 100); use 0",
+        "checkpoint_keep_last_zero",
+        "checkpoint.keep_last=0",
+        expected="config error: checkpoint.keep_last: must be >= 1 (the newest is never "
+        "deleted), got 0",
+    ),
+    case(
+        "checkpoint_interval_minutes_negative",
+        "checkpoint.interval_minutes=-1",
+        expected="config error: checkpoint.interval_minutes: must be >= 0 (0 disables), got -1.0",
+    ),
+    case(
+        "time_limit_garbage",
+        "train.time_limit=soon",
+        expected="config error: train.time_limit: 'soon' is not a duration; write HH:MM:SS, "
+        "D-HH:MM:SS or seconds",
+    ),
+    case(
+        "time_limit_zero",
+        "train.time_limit='00:00:00'",
+        expected="config error: train.time_limit: must be > 0, got '00:00:00'",
+    ),
+    case(
+        "spike_action_unknown",
+        "fault.spike_action=panic",
+        expected="config error: fault.spike_action: 'panic' is not one of log | skip | rollback",
+    ),
+    case(
+        "spike_window_too_small",
+        "fault.spike_window=1",
+        expected="config error: fault.spike_window: must be >= 2 steps, got 1",
     ),
     case(
         "checkpoint_interval_negative",

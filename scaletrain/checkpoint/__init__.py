@@ -1,0 +1,1 @@
+"""Sharded, atomic checkpoints: manifest, save/verify/load, retention."""

@@ -1,0 +1,277 @@
+"""Save and load sharded checkpoints so that a checkpoint is either complete or not visible.
+
+Save: every rank writes its DeepSpeed shards and its RNG state into `.staging/step_N/`; the
+ranks then fsync and checksum the files between them; rank 0 writes the manifest, renames the
+folder to `step_N/`, and only then replaces the `latest` pointer (write + rename). A process
+killed at any point leaves the previous checkpoint as the newest visible one.
+
+Load: the newest checkpoint whose files all match the manifest wins; a truncated or corrupted
+one is named in a one-line warning and the one before it is tried.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from scaletrain.checkpoint.manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    check_file,
+    describe_file,
+    fsync_dir,
+    list_checkpoints,
+    step_of,
+    tag_for,
+)
+from scaletrain.config.load import to_dict
+from scaletrain.config.schema import Config
+from scaletrain.errors import ScaletrainError
+from scaletrain.logs import get_logger
+from scaletrain.topology.init import Topology
+
+log = get_logger(__name__)
+
+LATEST = "latest"
+STAGING = ".staging"
+RNG_DIR = "rng"
+
+
+@dataclass
+class TrainState:
+    """Everything a resume needs besides what DeepSpeed keeps (weights, optimizer, schedule,
+    loss scale): where the loop and the data stand."""
+
+    step: int
+    consumed_samples: int
+    consumed_tokens: int
+    sampler: dict[str, Any]
+    skipped_steps: int = 0
+
+
+def rng_state() -> dict[str, Any]:
+    """This rank's random generators, as tensors and plain numbers (loadable weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Owns `<checkpoint dir>`: save, list, verify, pick, load and prune checkpoints."""
+
+    def __init__(self, config: Config, topology: Topology) -> None:
+        self.config = config
+        self.topology = topology
+        c = config.checkpoint
+        self.root = Path(c.dir) if c.dir else Path(config.train.run_dir) / "checkpoints"
+        self.last_save_time = time.monotonic()
+
+    # ---- save -------------------------------------------------------------------------
+    def save(self, engine: Any, state: TrainState) -> Path:
+        """Collective: every rank calls this at the same step."""
+        tag = tag_for(state.step)
+        staging_root = self.root / STAGING
+        staging = staging_root / tag
+        final = self.root / tag
+        if self.topology.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging_root.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        start = time.perf_counter()
+        engine.save_checkpoint(str(staging_root), tag=tag, save_latest=False)
+        (staging / RNG_DIR).mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), staging / RNG_DIR / f"rank_{self.topology.rank:05d}.pt")
+        dist.barrier()
+        files = self._describe_files(staging)
+        if self.topology.is_main:
+            manifest = Manifest(staging, self._manifest_data(state, files))
+            manifest.write()
+            shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step
+            os.replace(staging, final)
+            fsync_dir(self.root)
+            self._point_latest(tag)
+            self._prune()
+            log.info(
+                "saved checkpoint %s (%.1f MB) in %.2fs",
+                final,
+                manifest.total_bytes / 1e6,
+                time.perf_counter() - start,
+            )
+        dist.barrier()
+        self.last_save_time = time.monotonic()
+        return final
+
+    def _describe_files(self, folder: Path) -> list[dict[str, Any]]:
+        """Flush and checksum all files; the ranks share the work, rank 0 gets the list."""
+        names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        mine = names[self.topology.rank :: self.topology.world_size]
+        described = [describe_file(folder, name) for name in mine]
+        gathered: list[list[dict[str, Any]]] = [[] for _ in range(self.topology.world_size)]
+        dist.all_gather_object(gathered, described)
+        return sorted((entry for part in gathered for entry in part), key=lambda e: e["path"])
+
+    def _manifest_data(self, state: TrainState, files: list[dict[str, Any]]) -> dict[str, Any]:
+        dims = self.topology.dims
+        return {
+            "format_version": FORMAT_VERSION,
+            "step": state.step,
+            "consumed_samples": state.consumed_samples,
+            "consumed_tokens": state.consumed_tokens,
+            "skipped_steps": state.skipped_steps,
+            "sampler": state.sampler,
+            "layout": {
+                "tp": dims.tp,
+                "pp": dims.pp,
+                "dp": dims.dp,
+                "ep": dims.ep,
+                "zero_stage": self.config.parallel.zero_stage,
+                "world_size": dims.world_size,
+            },
+            "precision": self.config.precision.dtype,
+            "config": to_dict(self.config),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": files,
+        }
+
+    def _point_latest(self, tag: str) -> None:
+        tmp = self.root / f".{LATEST}.tmp"
+        tmp.write_text(tag + "\n")
+        os.replace(tmp, self.root / LATEST)
+        fsync_dir(self.root)
+
+    def _prune(self) -> None:
+        """Keep the newest `keep_last`, plus every `keep_every`-th step."""
+        c = self.config.checkpoint
+        folders = list_checkpoints(self.root)
+        keep = set(folders[-c.keep_last :])
+        if c.keep_every:
+            keep |= {p for p in folders if (step_of(p) or 0) % c.keep_every == 0}
+        for folder in folders:
+            if folder not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def due(self, step: int) -> bool:
+        """Whether the interval (in steps or minutes) says to save after `step`."""
+        c = self.config.checkpoint
+        if c.interval and step % c.interval == 0:
+            return True
+        minutes = (time.monotonic() - self.last_save_time) / 60
+        return bool(c.interval_minutes) and minutes >= c.interval_minutes
+
+    # ---- load -------------------------------------------------------------------------
+    def candidates(self) -> list[Path]:
+        """Checkpoints to try, newest first; `latest` first when it names one."""
+        found = list(reversed(list_checkpoints(self.root)))
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            named = self.root / pointer.read_text().strip()
+            if named in found:
+                found.remove(named)
+                found.insert(0, named)
+        return found
+
+    def verify(self, folder: Path) -> str | None:
+        """Collective: None if every file matches the manifest, else the first problem."""
+        manifest = Manifest.read(folder)
+        problems: list[str] = []
+        if manifest is None:
+            problems.append(f"{folder.name}/manifest.json is missing or unreadable")
+        else:
+            mine = manifest.files[self.topology.rank :: self.topology.world_size]
+            problems = [p for p in (check_file(folder, e) for e in mine) if p]
+        gathered: list[list[str]] = [[] for _ in range(self.topology.world_size)]
+        dist.all_gather_object(gathered, problems)
+        found = sorted(p for part in gathered for p in part)
+        return found[0] if found else None
+
+    def select(self) -> Path | None:
+        """The checkpoint `checkpoint.resume` asks for, verified; None to start fresh."""
+        resume = self.config.checkpoint.resume
+        if resume == "none":
+            return None
+        if resume != "auto":
+            folder = Path(resume)
+            self._check_external(folder)
+            problem = self.verify(folder)
+            if problem:
+                raise ScaletrainError(f"checkpoint.resume: {folder} is not usable: {problem}")
+            return folder
+        for folder in self.candidates():
+            problem = self.verify(folder)
+            if problem is None:
+                return folder
+            if self.topology.is_main:  # every rank knows; one says it
+                log.warning(
+                    "checkpoint %s is not usable (%s); trying the one before", folder, problem
+                )
+        return None
+
+    def _check_external(self, folder: Path) -> None:
+        inside = folder.resolve().is_relative_to(self.root.resolve())
+        if not inside and not self.config.checkpoint.allow_external_pickle:
+            raise ScaletrainError(
+                f"checkpoint.resume: {folder} is outside this run's checkpoints ({self.root}) "
+                "and DeepSpeed loads it with pickle; set checkpoint.allow_external_pickle=true "
+                "if you trust it"
+            )
+
+    def load(self, engine: Any, folder: Path) -> TrainState | None:
+        """Collective: restore engine, RNG and loop state. None for a weights-only load."""
+        manifest = Manifest.read(folder)
+        assert manifest is not None  # select() verified it
+        weights_only = self.config.checkpoint.load_weights_only
+        engine.load_checkpoint(
+            str(folder.parent),
+            tag=folder.name,
+            load_optimizer_states=not weights_only,
+            load_lr_scheduler_states=not weights_only,
+            load_module_only=weights_only,
+        )
+        if weights_only:
+            log.info("loaded the weights of %s (fresh optimizer, step 0)", folder)
+            return None
+        rng_file = folder / RNG_DIR / f"rank_{self.topology.rank:05d}.pt"
+        same_layout = manifest.data["layout"]["world_size"] == self.topology.world_size
+        if same_layout and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        data = manifest.data
+        log.info("resumed from %s (step %d)", folder, data["step"])
+        return TrainState(
+            step=data["step"],
+            consumed_samples=data["consumed_samples"],
+            consumed_tokens=data["consumed_tokens"],
+            sampler=data["sampler"],
+            skipped_steps=data.get("skipped_steps", 0),
+        )

@@ -1,0 +1,1 @@
+"""Surviving interruptions: stop requests (signals, time limit) and guards against bad steps."""

@@ -1,0 +1,136 @@
+"""Exact resume: a run killed (or stopped) at a random step continues the identical loss curve.
+
+Losses are compared with ==, not a tolerance: with one thread per rank the CPU is deterministic,
+so a resumed run that is off by one ulp has lost some state.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.distributed import (
+    launcher_log,
+    rank_pids,
+    read_metrics,
+    start_training,
+    train,
+    train_with_output,
+    wait_for_step,
+)
+
+pytestmark = pytest.mark.slow
+
+COMMON = ("train.steps=8", "checkpoint.interval=2", "train.eval_interval=4")
+LAYOUTS = {
+    "tp1dp2-zero1": (2, ("parallel.zero_stage=1",)),
+    "tp2dp2-zero3": (4, ("parallel.tp=2", "parallel.zero_stage=3")),
+    "bf16-tp1dp2-zero1": (2, ("parallel.zero_stage=1", "precision.dtype=bf16")),
+}
+_uninterrupted: dict[str, list[dict]] = {}
+
+
+def uninterrupted(layout: str, data: Path, tmp: Path) -> list[dict]:
+    if layout not in _uninterrupted:
+        nproc, overrides = LAYOUTS[layout]
+        _uninterrupted[layout] = train(nproc, tmp / f"full-{layout}", data, *COMMON, *overrides)
+    return _uninterrupted[layout]
+
+
+def curve(metrics: list[dict]) -> list[tuple]:
+    return [(m["step"], m["loss"], m.get("val_loss"), m["lr"]) for m in metrics]
+
+
+def wait_gone(pids: list[int], timeout: float = 60) -> None:
+    _, alive = psutil.wait_procs(
+        [psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=timeout
+    )
+    assert not alive, f"ranks still alive: {alive}"
+
+
+@pytest.mark.parametrize(
+    ("layout", "victim", "seed"),
+    [
+        ("tp1dp2-zero1", "rank", 11),
+        ("tp1dp2-zero1", "launcher", 12),
+        ("tp2dp2-zero3", "rank", 13),
+        ("bf16-tp1dp2-zero1", "rank", 14),
+    ],
+)
+def test_kill_9_then_resume_is_bit_exact(
+    layout: str, victim: str, seed: int, stdlib_data: Path, tmp_path_factory, tmp_path: Path
+) -> None:
+    want = uninterrupted(layout, stdlib_data, tmp_path_factory.getbasetemp())
+    nproc, overrides = LAYOUTS[layout]
+    chooser = random.Random(seed)
+    kill_step = chooser.randint(3, 7)
+    proc = start_training(nproc, tmp_path, stdlib_data, *COMMON, *overrides)
+    wait_for_step(tmp_path, kill_step, proc)
+    ranks = rank_pids(proc)
+    os.kill(proc.pid if victim == "launcher" else chooser.choice(ranks), signal.SIGKILL)
+    proc.wait(timeout=120)
+    wait_gone(ranks)
+    assert read_metrics(tmp_path)[-1]["step"] < 8, "the run finished before the kill"
+
+    got = train(nproc, tmp_path, stdlib_data, *COMMON, *overrides)  # the same command again
+    assert curve(got) == curve(want)
+
+
+def test_sigusr1_saves_exits_75_and_resumes_exactly(
+    stdlib_data: Path, tmp_path_factory, tmp_path: Path
+) -> None:
+    want = uninterrupted("tp1dp2-zero1", stdlib_data, tmp_path_factory.getbasetemp())
+    nproc, overrides = LAYOUTS["tp1dp2-zero1"]
+    proc = start_training(nproc, tmp_path, stdlib_data, *COMMON, *overrides)
+    wait_for_step(tmp_path, 3, proc)
+    os.kill(rank_pids(proc)[-1], signal.SIGUSR1)  # one rank is enough: the ranks agree
+    proc.wait(timeout=120)
+    log = launcher_log(tmp_path)
+    stopped_at = read_metrics(tmp_path)[-1]["step"]
+    assert 3 <= stopped_at < 8
+    assert "exitcode  : 75" in log or "exitcode: 75" in log
+    assert f"stopped after step {stopped_at} (signal SIGUSR1)" in log
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{stopped_at:08d}"
+
+    got = train(nproc, tmp_path, stdlib_data, *COMMON, *overrides)
+    assert curve(got) == curve(want)
+
+
+def test_corrupt_checkpoints_fall_back_to_the_previous_good_one(
+    stdlib_data: Path, tmp_path: Path
+) -> None:
+    nproc, overrides = LAYOUTS["tp1dp2-zero1"]
+    first = train(nproc, tmp_path, stdlib_data, *COMMON, *overrides)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == [
+        "step_00000004",
+        "step_00000006",
+        "step_00000008",
+    ]
+    truncated = root / "step_00000008" / "mp_rank_00_model_states.pt"
+    first_size = truncated.stat().st_size
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    flipped = root / "step_00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+
+    done, output = train_with_output(nproc, tmp_path, stdlib_data, *COMMON, *overrides)
+    assert curve(done) == curve(first)
+    warnings = [
+        line.split(" WARNING ", 1)[1] for line in output.splitlines() if " WARNING " in line
+    ]
+    assert warnings == [
+        f"checkpoint {root}/step_00000008 is not usable (mp_rank_00_model_states.pt has 1000 "
+        f"bytes, manifest says {first_size} (truncated?)); trying the one before",
+        f"checkpoint {root}/step_00000006 is not usable "
+        "(zero_pp_rank_1_mp_rank_00_optim_states.pt fails its checksum (corrupted)); "
+        "trying the one before",
+    ]
+    assert "resumed from" in output and "step_00000004 (step 4)" in output
