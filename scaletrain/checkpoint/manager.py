@@ -88,6 +88,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def parameter_layout(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """Per parameter: this rank's shape and how TP splits it (megatron-core's attributes).
+
+    With this a checkpoint of any TP degree can be merged or re-split without the model code.
+    """
+    layout = {}
+    for name, param in module.named_parameters():
+        shape = getattr(param, "ds_shape", None) or param.shape  # ZeRO-3 keeps it aside
+        split = getattr(param, "tensor_model_parallel", False)
+        layout[name] = {
+            "shape": list(shape),
+            "tp_dim": int(param.partition_dim) if split else None,
+            "tp_stride": int(getattr(param, "partition_stride", 1)) if split else None,
+        }
+    return layout
+
+
 class CheckpointManager:
     """Owns `<checkpoint dir>`: save, list, verify, pick, load and prune checkpoints."""
 
@@ -116,7 +133,9 @@ class CheckpointManager:
         dist.barrier()
         files = self._describe_files(staging)
         if self.topology.is_main:
-            manifest = Manifest(staging, self._manifest_data(state, files))
+            data = self._manifest_data(state, files)
+            data["parameters"] = parameter_layout(engine.module)
+            manifest = Manifest(staging, data)
             manifest.write()
             shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step
             os.replace(staging, final)
