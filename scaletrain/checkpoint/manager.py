@@ -6,7 +6,9 @@ folder to `step_N/`, and only then replaces the `latest` pointer (write + rename
 killed at any point leaves the previous checkpoint as the newest visible one.
 
 Load: the newest checkpoint whose files all match the manifest wins; a truncated or corrupted
-one is named in a one-line warning and the one before it is tried.
+one is named in a one-line warning and the one before it is tried. A checkpoint saved with
+another layout (TP, DP or ZeRO stage) is converted once to DeepSpeed's universal format
+(`convert.py`) and loaded through it; the engine must then be built with `load_universal`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from scaletrain.checkpoint.convert import (
+    check_reshardable,
+    describe_layout,
+    ensure_universal,
+    prune_conversions,
+    same_layout,
+)
 from scaletrain.checkpoint.manifest import (
     FORMAT_VERSION,
     Manifest,
@@ -114,6 +123,7 @@ class CheckpointManager:
         c = config.checkpoint
         self.root = Path(c.dir) if c.dir else Path(config.train.run_dir) / "checkpoints"
         self.last_save_time = time.monotonic()
+        self.load_universal = False  # set by prepare_reshard(): how the engine loads
 
     # ---- save -------------------------------------------------------------------------
     def save(self, engine: Any, state: TrainState) -> Path:
@@ -161,8 +171,19 @@ class CheckpointManager:
         dist.all_gather_object(gathered, described)
         return sorted((entry for part in gathered for entry in part), key=lambda e: e["path"])
 
-    def _manifest_data(self, state: TrainState, files: list[dict[str, Any]]) -> dict[str, Any]:
+    def layout(self) -> dict[str, Any]:
+        """This run's layout, as the manifest records it."""
         dims = self.topology.dims
+        return {
+            "tp": dims.tp,
+            "pp": dims.pp,
+            "dp": dims.dp,
+            "ep": dims.ep,
+            "zero_stage": self.config.parallel.zero_stage,
+            "world_size": dims.world_size,
+        }
+
+    def _manifest_data(self, state: TrainState, files: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
             "step": state.step,
@@ -170,14 +191,7 @@ class CheckpointManager:
             "consumed_tokens": state.consumed_tokens,
             "skipped_steps": state.skipped_steps,
             "sampler": state.sampler,
-            "layout": {
-                "tp": dims.tp,
-                "pp": dims.pp,
-                "dp": dims.dp,
-                "ep": dims.ep,
-                "zero_stage": self.config.parallel.zero_stage,
-                "world_size": dims.world_size,
-            },
+            "layout": self.layout(),
             "precision": self.config.precision.dtype,
             "config": to_dict(self.config),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -200,6 +214,7 @@ class CheckpointManager:
         for folder in folders:
             if folder not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
+        prune_conversions(self.root)
 
     def due(self, step: int) -> bool:
         """Whether the interval (in steps or minutes) says to save after `step`."""
@@ -247,6 +262,10 @@ class CheckpointManager:
             if problem:
                 raise ScaletrainError(f"checkpoint.resume: {folder} is not usable: {problem}")
             return folder
+        return self.newest_good()
+
+    def newest_good(self) -> Path | None:
+        """Collective: the newest checkpoint that verifies, warning about each one that does not."""
         for folder in self.candidates():
             problem = self.verify(folder)
             if problem is None:
@@ -266,14 +285,45 @@ class CheckpointManager:
                 "if you trust it"
             )
 
-    def load(self, engine: Any, folder: Path) -> TrainState | None:
-        """Collective: restore engine, RNG and loop state. None for a weights-only load."""
+    def prepare_reshard(self, folder: Path | None) -> bool:
+        """Collective, before the engine is built: True if `folder` was saved with another
+        layout; then its universal copy is made (once) and the engine must be built with
+        `load_universal`, after which every load goes through a universal copy."""
+        manifest = Manifest.read(folder) if folder else None
+        if manifest is None or same_layout(manifest.data["layout"], self.layout()):
+            return False
+        saved = describe_layout(manifest.data["layout"])
+        if self.config.checkpoint.load_weights_only:
+            raise ScaletrainError(
+                f"checkpoint.load_weights_only: {folder} is {saved}; taking only the weights "
+                "on another layout is not supported"
+            )
+        check_reshardable(manifest, self.layout(), self.config.precision.dtype)
+        if self.topology.is_main:
+            log.info("resharding %s from %s to %s", folder.name, saved, describe_layout(self.layout()))
+        ensure_universal(folder, self.root, self.topology.is_main)
+        self.load_universal = True
+        return True
+
+    def load(self, engine: Any, folder: Path, full: bool = False) -> TrainState | None:
+        """Collective: restore engine, RNG and loop state. None for a weights-only load
+        (`checkpoint.load_weights_only`, which `full=True` overrides: a rollback needs it all)."""
         manifest = Manifest.read(folder)
         assert manifest is not None  # select() verified it
-        weights_only = self.config.checkpoint.load_weights_only
+        weights_only = self.config.checkpoint.load_weights_only and not full
+        layout_kept = same_layout(manifest.data["layout"], self.layout())
+        source = folder
+        if self.load_universal:  # a resharded run loads (and rolls back) through universal copies
+            check_reshardable(manifest, self.layout(), self.config.precision.dtype)
+            source = ensure_universal(folder, self.root, self.topology.is_main)
+        elif not layout_kept:
+            raise ScaletrainError(
+                f"{folder} was saved as {describe_layout(manifest.data['layout'])}, this run is "
+                f"{describe_layout(self.layout())}; only the checkpoint a run starts from is resharded"
+            )
         engine.load_checkpoint(
-            str(folder.parent),
-            tag=folder.name,
+            str(source.parent),
+            tag=source.name,
             load_optimizer_states=not weights_only,
             load_lr_scheduler_states=not weights_only,
             load_module_only=weights_only,
@@ -282,8 +332,7 @@ class CheckpointManager:
             log.info("loaded the weights of %s (fresh optimizer, step 0)", folder)
             return None
         rng_file = folder / RNG_DIR / f"rank_{self.topology.rank:05d}.pt"
-        same_layout = manifest.data["layout"]["world_size"] == self.topology.world_size
-        if same_layout and rng_file.is_file():
+        if layout_kept and rng_file.is_file():  # rank i of the same layout
             set_rng_state(torch.load(rng_file, weights_only=True))
         data = manifest.data
         log.info("resumed from %s (step %d)", folder, data["step"])

@@ -199,8 +199,8 @@ class FaultConfig:
     """Flag a loss more than this many standard deviations above the recent mean; 0 disables."""
     spike_window: int = 50
     """Steps of loss history the spike detector compares against."""
-    spike_action: Literal["log", "skip", "rollback"] = "log"
-    """What a spike does: only log it, skip that step's update, or roll back."""
+    spike_action: Literal["log", "rollback"] = "log"
+    """What a spike does: only log it, or roll back to the last checkpoint."""
     collective_timeout_minutes: float = 10.0
     """A collective that waits longer than this fails the run instead of hanging it."""
     heartbeat_seconds: float = 60.0

@@ -8,6 +8,7 @@ partitions each parameter over the data-parallel group as soon as it is created.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,8 +35,9 @@ def bucket_size(config: Config, resolved: Resolved) -> int:
     return min(DEFAULT_BUCKET, max(params, 1_000_000))
 
 
-def ds_config(config: Config, resolved: Resolved) -> dict[str, Any]:
-    """The DeepSpeed JSON config for this run."""
+def ds_config(config: Config, resolved: Resolved, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run; `load_universal` when it resumes from a
+    checkpoint of another layout (converted by `scaletrain.checkpoint.convert`)."""
     p = config.precision
     return {
         "train_batch_size": resolved.global_batch,
@@ -59,6 +61,7 @@ def ds_config(config: Config, resolved: Resolved) -> dict[str, Any]:
         },
         "steps_per_print": NEVER,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -95,7 +98,11 @@ def _ndim(param: torch.Tensor) -> int:
 
 
 def initialize_engine(
-    model: nn.Module, config: Config, resolved: Resolved, topology: Topology
+    model: nn.Module,
+    config: Config,
+    resolved: Resolved,
+    topology: Topology,
+    load_universal: bool = False,
 ) -> Any:
     """deepspeed.initialize with our optimizer and schedule; returns the engine."""
     import deepspeed
@@ -113,11 +120,42 @@ def initialize_engine(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=ds_config(config, resolved),
+        config=ds_config(config, resolved, load_universal),
         mpu=topology.mpu,
         dist_init_required=False,
     )
     return engine
+
+
+def step(engine: Any, clip_ourselves: bool, max_norm: float) -> float | None:
+    """engine.step(), plus what DeepSpeed leaves out for ZeRO-0 fp32 (`clips_itself`): the
+    gradient norm, clipping, and skipping a step whose gradients are not finite.
+
+    Elsewhere DeepSpeed's own overflow check skips non-finite steps (and does not advance the
+    schedule); returns the norm when we computed it, else None.
+    """
+    if not (clip_ourselves and engine.is_gradient_accumulation_boundary()):
+        engine.step()
+        return None
+    norm = norm_and_clip(engine, max_norm)
+    if math.isfinite(norm):
+        engine.step()
+    else:
+        _skip_update(engine)
+    return norm
+
+
+def _skip_update(engine: Any) -> None:
+    """Let DeepSpeed count the step while weights, Adam moments and the schedule stay put."""
+    for param in engine.module.parameters():
+        param.grad = None  # torch's AdamW leaves parameters without a gradient untouched
+    scheduler = engine.lr_scheduler
+    schedule = scheduler.state_dict()
+    engine.step()
+    scheduler.load_state_dict(schedule)
+    for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    engine.skipped_steps += 1
 
 
 def clips_itself(config: Config) -> bool:

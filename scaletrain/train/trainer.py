@@ -25,8 +25,10 @@ from scaletrain.engine.deepspeed import (
     clips_itself,
     initialize_engine,
     model_init_context,
-    norm_and_clip,
 )
+from scaletrain.engine.deepspeed import step as engine_step
+from scaletrain.errors import ScaletrainError
+from scaletrain.fault.guards import LossGuard
 from scaletrain.fault.signals import StopRequested, StopWatch, die_with_launcher
 from scaletrain.logs import get_logger
 from scaletrain.models.gpt import GPT
@@ -59,11 +61,16 @@ class Trainer:
         if topology.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(config))
+        # Picked before the engine exists: one saved with another layout is loaded through
+        # DeepSpeed's universal format, which is chosen when the engine is built.
+        self.checkpoints = CheckpointManager(config, topology)
+        self.resume_from = self.checkpoints.select()
+        universal = self.checkpoints.prepare_reshard(self.resume_from)
         seed_everything(config.train.seed)
         tp = TensorParallel(resolved.dims.tp, topology.groups.tp)
         with model_init_context(config, resolved, topology):
             model = GPT(config.model, resolved.padded_vocab_size, tp)
-        self.engine = initialize_engine(model, config, resolved, topology)
+        self.engine = initialize_engine(model, config, resolved, topology, universal)
         self.own_clipping = clips_itself(config)
         self._build_data()
         self.tokens_per_step = resolved.global_batch * config.train.seq_len
@@ -71,7 +78,7 @@ class Trainer:
             config.model, config.train.seq_len, resolved.padded_vocab_size
         )
         self.peak_flops = device_peak_flops(topology.device, config.logging.peak_tflops)
-        self.checkpoints = CheckpointManager(config, topology)
+        self.guard = LossGuard(config.fault)
         limit = config.train.time_limit
         self.stopwatch = StopWatch(parse_duration(limit) if limit else None)
         self.step = 0
@@ -81,11 +88,33 @@ class Trainer:
         )
 
     def _resume(self) -> None:
-        folder = self.checkpoints.select()
+        folder = self.resume_from
         state = self.checkpoints.load(self.engine, folder) if folder else None
         if state is not None:
             self.step = state.step
             self.sampler.load_state_dict(state.sampler)
+
+    def rollback(self, reason: str) -> int:
+        """Reload the newest good checkpoint; the data sampler keeps going, so the batches
+        since that checkpoint are skipped rather than replayed. Returns the step rolled back to."""
+        folder = self.checkpoints.newest_good()
+        if folder is None:
+            raise ScaletrainError(
+                f"fault: {reason} at step {self.step} and no checkpoint to roll back to; "
+                "set checkpoint.interval or fix the data/learning rate"
+            )
+        failed_step = self.step
+        state = self.checkpoints.load(self.engine, folder, full=True)
+        assert state is not None  # a full load always returns the loop state
+        self.step = state.step
+        self.guard.reset()
+        log.warning(
+            "%s at step %d: rolled back to %s; the batches since are skipped",
+            reason,
+            failed_step,
+            folder.name,
+        )
+        return self.step
 
     def save(self) -> Path:
         start = time.perf_counter()
@@ -133,9 +162,8 @@ class Trainer:
         for micro in windows.split(self.resolved.micro_batch):
             loss = self.engine(micro)
             self.engine.backward(loss)
-            if self.own_clipping and self.engine.is_gradient_accumulation_boundary():
-                grad_norm = norm_and_clip(self.engine, self.config.optim.grad_clip)
-            self.engine.step()
+            norm = engine_step(self.engine, self.own_clipping, self.config.optim.grad_clip)
+            grad_norm = norm if norm is not None else grad_norm
             losses.append(loss.detach().float())
         if grad_norm is None:
             grad_norm = _as_float(self.engine.get_global_grad_norm())
@@ -215,7 +243,13 @@ class Trainer:
         try:
             while self.step < self.config.train.steps:
                 metrics = self.train_step()
-                if self._eval_due():
+                verdict = self.guard.observe(metrics["loss"], metrics["skipped"])
+                if verdict.spike:
+                    metrics["loss_spike"] = True
+                    log.warning("loss spike at step %d: %.4f", self.step, metrics["loss"])
+                if verdict.rollback:
+                    metrics["rolled_back_to"] = self.rollback(verdict.rollback)
+                elif self._eval_due():
                     val_loss = metrics["val_loss"] = self.evaluate()
                 self.metrics.log_step(metrics)
                 self._checkpoint_or_stop(metrics["step_time"])

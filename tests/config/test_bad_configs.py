@@ -330,7 +330,7 @@ CASES = [
     case(
         "spike_action_unknown",
         "fault.spike_action=panic",
-        expected="config error: fault.spike_action: 'panic' is not one of log | skip | rollback",
+        expected="config error: fault.spike_action: 'panic' is not one of log | rollback",
     ),
     case(
         "spike_window_too_small",

@@ -26,8 +26,9 @@ def test_fp16_overflow_skips_step_and_lowers_loss_scale(stdlib_data: Path, tmp_p
     overflow_step = 3
     torchrun(
         2,
-        "tests/train/overflow_run.py",
-        f"--overflow-step={overflow_step}",
+        "tests/train/fault_run.py",
+        "--poison=inf",
+        f"--at={overflow_step}",
         "--config",
         str(TINY),
         f"data.paths=[{stdlib_data}]",
