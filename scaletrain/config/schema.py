@@ -202,7 +202,8 @@ class FaultConfig:
     spike_action: Literal["log", "rollback"] = "log"
     """What a spike does: only log it, or roll back to the last checkpoint."""
     collective_timeout_minutes: float = 10.0
-    """A collective that waits longer than this fails the run instead of hanging it."""
+    """A rank without progress for this long (stuck in a collective, a save, ...) exits with
+    code 124 instead of hanging the job; also the process-group timeout."""
     heartbeat_seconds: float = 60.0
     """Rank 0 names the ranks whose heartbeat is older than this when a step hangs; 0 disables."""
 

@@ -86,7 +86,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_topology(dims: ParallelDims, timeout_minutes: int = 10) -> Topology:
+def init_topology(dims: ParallelDims, timeout_minutes: float = 10) -> Topology:
     """Start torch.distributed (unless already started) and create every process group."""
     device, backend = select_device()
     if "RANK" not in os.environ:

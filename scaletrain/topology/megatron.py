@@ -27,7 +27,7 @@ class ProcessGroups:
     """tp x pp: the ranks that together hold one replica of the model."""
 
 
-def build_groups(dims: ParallelDims, timeout_minutes: int) -> ProcessGroups:
+def build_groups(dims: ParallelDims, timeout_minutes: float) -> ProcessGroups:
     """Create megatron-core's groups for these degrees (torch.distributed must be up)."""
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,

@@ -1,14 +1,18 @@
-"""Train with a poisoned loss at chosen steps (a test-only fault hook, not a user setting).
+"""Train with a fault injected at chosen steps (a test-only hook, not a user setting).
 
     torchrun --nproc-per-node N tests/train/fault_run.py --poison nan --at 3,5 --config C ...
+    torchrun --nproc-per-node N tests/train/fault_run.py --poison hang --at 3 --config C ...
 
-The loss of each chosen step is multiplied by inf or nan before backward, so every gradient of
-that step is non-finite. Each step is poisoned once: after a rollback it trains normally.
+nan/inf: the loss of each chosen step is multiplied by it before backward, so every gradient of
+that step is non-finite; each step is poisoned once (after a rollback it trains normally).
+hang: the last rank sleeps before its backward of the chosen step, so the others wait for it
+in a collective.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 from scaletrain.config import check_config, load_config
 from scaletrain.logs import setup_logging
@@ -18,7 +22,7 @@ from scaletrain.train.trainer import Trainer
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--poison", choices=["inf", "nan"], required=True)
+    parser.add_argument("--poison", choices=["inf", "nan", "hang"], required=True)
     parser.add_argument("--at", required=True, help="comma-separated steps (1-based)")
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*")
@@ -33,7 +37,10 @@ def main() -> None:
 
     def poisoned_backward(loss, *a, **kw):
         step = trainer.step + 1
-        if step in pending:
+        if step in pending and args.poison == "hang":
+            if topology.rank == topology.world_size - 1:
+                time.sleep(3600)
+        elif step in pending:
             loss = loss * float(args.poison)
             if trainer.engine.is_gradient_accumulation_boundary():
                 pending.discard(step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,29 @@ def test_rollback_without_a_checkpoint_is_a_clear_error(stdlib_data: Path, tmp_p
         "fault: 2 consecutive skipped steps at step 3 and no checkpoint to roll back to; "
         "set checkpoint.interval or fix the data/learning rate"
     ) in str(failed.value)
+
+
+def test_a_hung_rank_is_named_and_the_collective_timeout_ends_the_run(
+    stdlib_data: Path, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(AssertionError) as failed:
+        torchrun(
+            2,
+            "tests/train/fault_run.py",
+            "--poison=hang",
+            "--at=3",
+            "--config",
+            str(TINY),
+            f"data.paths=[{stdlib_data}]",
+            f"train.run_dir={tmp_path}",
+            "train.eval_interval=0",
+            "fault.heartbeat_seconds=2",
+            "fault.collective_timeout_minutes=0.5",
+            timeout=240,
+        )
+    output = str(failed.value)
+    assert "waiting for rank(s) 1 (step 3, micro-batch 0, backward)" in output
+    assert "no progress for" in output and "at step 3" in output
+    assert time.monotonic() - started < 180  # the timeout, not the 1-hour sleep, ended it
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
