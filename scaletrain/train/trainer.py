@@ -8,6 +8,7 @@ whole global batch, so it is the same number whatever the layout.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from scaletrain.engine.deepspeed import (
 from scaletrain.engine.deepspeed import step as engine_step
 from scaletrain.errors import ScaletrainError
 from scaletrain.fault.guards import LossGuard
+from scaletrain.fault.heartbeat import Heartbeat
 from scaletrain.fault.signals import StopRequested, StopWatch, die_with_launcher
 from scaletrain.logs import get_logger
 from scaletrain.models.gpt import GPT
@@ -79,6 +81,13 @@ class Trainer:
         )
         self.peak_flops = device_peak_flops(topology.device, config.logging.peak_tflops)
         self.guard = LossGuard(config.fault)
+        f = config.fault
+        self.heartbeat = Heartbeat(
+            topology.rank,
+            topology.world_size,
+            f.heartbeat_seconds,
+            60 * f.collective_timeout_minutes,
+        )
         limit = config.train.time_limit
         self.stopwatch = StopWatch(parse_duration(limit) if limit else None)
         self.step = 0
@@ -118,6 +127,7 @@ class Trainer:
 
     def save(self) -> Path:
         start = time.perf_counter()
+        self.heartbeat.mark(self.step, 0, "save")
         sampler = self.sampler.state_dict()
         consumed = sampler["consumed_samples"]
         state = TrainState(
@@ -157,11 +167,16 @@ class Trainer:
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]
         skipped_before = self.engine.skipped_steps
+        beat = functools.partial(self.heartbeat.mark, self.step + 1)
+        beat(0, "start")
         windows = self._windows(self.train_set, self.sampler.next_batch())
         losses, grad_norm = [], None
-        for micro in windows.split(self.resolved.micro_batch):
+        for i, micro in enumerate(windows.split(self.resolved.micro_batch)):
+            beat(i, "forward")
             loss = self.engine(micro)
+            beat(i, "backward")
             self.engine.backward(loss)
+            beat(i, "step")
             norm = engine_step(self.engine, self.own_clipping, self.config.optim.grad_clip)
             grad_norm = norm if norm is not None else grad_norm
             losses.append(loss.detach().float())
@@ -201,6 +216,7 @@ class Trainer:
             c.train.seed,
             shuffle=False,
         )
+        self.heartbeat.mark(self.step, 0, "eval")
         self.engine.eval()
         losses = []
         for _ in range(c.train.eval_batches):
@@ -255,6 +271,7 @@ class Trainer:
                 self._checkpoint_or_stop(metrics["step_time"])
         finally:
             self.stopwatch.restore()
+            self.heartbeat.close()
         summary = RunSummary(
             self.step, metrics.get("loss", math.nan), val_loss, metrics.get("tokens_per_sec", 0.0)
         )
@@ -285,7 +302,7 @@ def train(config: Config) -> RunSummary:
     if config.train.deterministic:
         torch.set_num_threads(1)
         torch.use_deterministic_algorithms(True)
-    topology = init_topology(resolved.dims)
+    topology = init_topology(resolved.dims, config.fault.collective_timeout_minutes)
     try:
         return Trainer(config, topology, resolved).run()
     finally:
