@@ -72,6 +72,12 @@ def assert_losses_close(got: list[dict], want: list[dict], rel: float, key: str 
 
 def start_training(nproc: int, run_dir: Path, data: Path, *overrides: str) -> subprocess.Popen:
     """Start the tiny config on `nproc` ranks in the background (its output goes to a log)."""
+    config = ("--config", str(TINY), f"data.paths=[{data}]", f"train.run_dir={run_dir}")
+    return start_script(nproc, run_dir, "-m", "scaletrain", "train", *config, *overrides)
+
+
+def start_script(nproc: int, run_dir: Path, *args: str) -> subprocess.Popen:
+    """`torchrun <args>` in the background, output to <run_dir>/launcher.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log = (run_dir / "launcher.log").open("a")
     command = [
@@ -80,14 +86,7 @@ def start_training(nproc: int, run_dir: Path, data: Path, *overrides: str) -> su
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        "-m",
-        "scaletrain",
-        "train",
-        "--config",
-        str(TINY),
-        f"data.paths=[{data}]",
-        f"train.run_dir={run_dir}",
-        *overrides,
+        *args,
     ]
     return subprocess.Popen(
         command,
@@ -97,6 +96,18 @@ def start_training(nproc: int, run_dir: Path, data: Path, *overrides: str) -> su
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def wait_for_path(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended ({proc.returncode}) before {path} appeared")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.05)
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -126,8 +137,7 @@ def rank_pids(proc: subprocess.Popen) -> list[int]:
     """The training ranks started by a torchrun process, ordered by pid."""
     import psutil
 
-    children = psutil.Process(proc.pid).children(recursive=True)
-    return sorted(c.pid for c in children if "scaletrain" in " ".join(c.cmdline()))
+    return sorted(c.pid for c in psutil.Process(proc.pid).children() if "python" in c.name())
 
 
 def launcher_log(run_dir: Path) -> str:

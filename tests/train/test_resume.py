@@ -15,12 +15,15 @@ import psutil
 import pytest
 
 from tests.distributed import (
+    TINY,
     launcher_log,
     rank_pids,
     read_metrics,
+    start_script,
     start_training,
     train,
     train_with_output,
+    wait_for_path,
     wait_for_step,
 )
 
@@ -134,3 +137,54 @@ def test_corrupt_checkpoints_fall_back_to_the_previous_good_one(
         "trying the one before",
     ]
     assert "resumed from" in output and "step_00000004 (step 4)" in output
+
+
+def test_kill_during_a_save_leaves_the_previous_checkpoint_visible(
+    stdlib_data: Path, tmp_path_factory, tmp_path: Path
+) -> None:
+    want = uninterrupted("tp1dp2-zero1", stdlib_data, tmp_path_factory.getbasetemp())
+    nproc, overrides = LAYOUTS["tp1dp2-zero1"]
+    config = ("--config", str(TINY), f"data.paths=[{stdlib_data}]", f"train.run_dir={tmp_path}")
+    proc = start_script(
+        nproc,
+        tmp_path,
+        "tests/train/fault_run.py",
+        "--poison=slow-save",
+        "--at=4",
+        *config,
+        *COMMON,
+        *overrides,
+    )
+    staging = tmp_path / "checkpoints" / ".staging" / "step_00000004"
+    wait_for_path(staging / "mp_rank_00_model_states.pt", proc)
+    ranks = rank_pids(proc)
+    os.kill(ranks[0], signal.SIGKILL)
+    proc.wait(timeout=120)
+    wait_gone(ranks)
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002"]
+
+    got = train(nproc, tmp_path, stdlib_data, *COMMON, *overrides)
+    assert curve(got) == curve(want)
+    assert not staging.exists()
+
+
+def test_time_limit_saves_and_exits_75_before_the_limit(stdlib_data: Path, tmp_path: Path) -> None:
+    nproc, overrides = LAYOUTS["tp1dp2-zero1"]
+    proc = start_training(
+        nproc,
+        tmp_path,
+        stdlib_data,
+        "train.steps=100000",
+        "train.time_limit=00:00:15",
+        "train.eval_interval=0",
+        *overrides,
+    )
+    proc.wait(timeout=300)
+    log = launcher_log(tmp_path)
+    last = read_metrics(tmp_path)[-1]["step"]
+    assert 1 < last < 100000
+    assert f"stopped after step {last} (time limit)" in log
+    assert "exitcode  : 75" in log or "exitcode: 75" in log
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
