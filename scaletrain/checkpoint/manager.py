@@ -30,6 +30,7 @@ from scaletrain.checkpoint.convert import (
     describe_layout,
     ensure_universal,
     prune_conversions,
+    repair_optimizer,
     same_layout,
 )
 from scaletrain.checkpoint.manifest import (
@@ -300,7 +301,9 @@ class CheckpointManager:
             )
         check_reshardable(manifest, self.layout(), self.config.precision.dtype)
         if self.topology.is_main:
-            log.info("resharding %s from %s to %s", folder.name, saved, describe_layout(self.layout()))
+            log.info(
+                "resharding %s from %s to %s", folder.name, saved, describe_layout(self.layout())
+            )
         ensure_universal(folder, self.root, self.topology.is_main)
         self.load_universal = True
         return True
@@ -318,8 +321,9 @@ class CheckpointManager:
             source = ensure_universal(folder, self.root, self.topology.is_main)
         elif not layout_kept:
             raise ScaletrainError(
-                f"{folder} was saved as {describe_layout(manifest.data['layout'])}, this run is "
-                f"{describe_layout(self.layout())}; only the checkpoint a run starts from is resharded"
+                f"{folder} was saved as {describe_layout(manifest.data['layout'])}, this run "
+                f"is {describe_layout(self.layout())}; only the checkpoint a run starts from "
+                "is resharded"
             )
         engine.load_checkpoint(
             str(source.parent),
@@ -328,6 +332,8 @@ class CheckpointManager:
             load_lr_scheduler_states=not weights_only,
             load_module_only=weights_only,
         )
+        if self.load_universal:
+            repair_optimizer(engine, source)
         if weights_only:
             log.info("loaded the weights of %s (fresh optimizer, step 0)", folder)
             return None
