@@ -5,6 +5,9 @@
     scaletrain config show  --config configs/runs/quickstart.yaml train.steps=20
     scaletrain launch local --nproc 2 --config configs/runs/quickstart.yaml
     torchrun --nproc-per-node 2 -m scaletrain train --config configs/runs/quickstart.yaml
+    scaletrain ckpt list runs/quickstart
+    scaletrain ckpt verify runs/quickstart/checkpoints/step_00000400
+    scaletrain ckpt consolidate runs/quickstart/checkpoints/step_00000400 model.safetensors
 
 Errors a user can fix print one line on stderr and exit with status 2; a run stopped by a
 signal or its time limit saves a checkpoint and exits with 75 (run it again to resume).
@@ -63,6 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     local = launch_cmds.add_parser("local", help="torchrun on this machine")
     local.add_argument("--nproc", type=int, required=True, help="ranks to start")
     _add_config_args(local)
+
+    ckpt = commands.add_parser("ckpt", help="list, verify and consolidate checkpoints")
+    ckpt_cmds = ckpt.add_subparsers(dest="action", required=True)
+    listing = ckpt_cmds.add_parser(
+        "list", help="every checkpoint of a run, each file checked (exit 1 if one is corrupt)"
+    )
+    listing.add_argument("path", help="a run folder or its checkpoints folder")
+    verify = ckpt_cmds.add_parser("verify", help="check one checkpoint against its manifest")
+    verify.add_argument("path", help="a checkpoint folder, e.g. runs/x/checkpoints/step_00000120")
+    merge = ckpt_cmds.add_parser(
+        "consolidate", help="write the full fp32 weights (TP merged) as one safetensors file"
+    )
+    merge.add_argument("path", help="a checkpoint folder")
+    merge.add_argument("out", help="the .safetensors file to write")
+    merge.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="open a checkpoint outside a run's checkpoints/ folder (pickle: trusted files only)",
+    )
     return parser
 
 
@@ -106,6 +128,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "data":
         return _prepare(args)
+    if args.command == "ckpt":
+        return _ckpt(args)
     if args.command == "launch":
         config = load_config(args.config, args.overrides)
         check_config(config, args.nproc)
@@ -142,6 +166,33 @@ def _prepare(args: argparse.Namespace) -> int:
     print(
         f"prepared {args.output}: train {train.num_tokens:,} tokens, val {val.num_tokens:,} "
         f"tokens, vocab {info.vocab_size} ({info.dtype})"
+    )
+    return 0
+
+
+def _ckpt(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from scaletrain.checkpoint import tools
+
+    if args.action == "list":
+        listing = tools.list_run(Path(args.path))
+        print("\n".join(tools.format_listing(listing)))
+        return 1 if listing.corrupt else 0
+    if args.action == "verify":
+        manifest = tools.verify(Path(args.path))
+        print(
+            f"ok: {args.path} step {manifest.step}, {len(manifest.files)} files, "
+            f"{manifest.total_bytes / 1e6:.1f} MB"
+        )
+        return 0
+    from scaletrain.logs import setup_logging
+
+    setup_logging()
+    done = tools.consolidate(Path(args.path), Path(args.out), allow_pickle=args.allow_pickle)
+    print(
+        f"wrote {done.out}: {done.tensors} tensors, {done.parameters:,} parameters (fp32), "
+        f"{done.bytes / 1e6:.1f} MB, step {done.step}"
     )
     return 0
 

@@ -1,0 +1,73 @@
+"""Train two steps, save after each, and write the live model's full weights (a test helper).
+
+    torchrun --nproc-per-node N tests/checkpoint/live_weights_run.py --out live.safetensors \
+        --config configs/runs/tiny.yaml data.paths=[...] train.run_dir=... parallel.tp=2
+
+The weights written are those of the second (latest) checkpoint, taken from the running
+engine: ZeRO-3 partitions gathered with `GatheredParameters`, TP slices all-gathered over the
+TP group and merged by megatron-core's split rule. A test compares them with what
+`scaletrain ckpt consolidate` makes of the checkpoint on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from scaletrain.checkpoint.tools import merge_tp_slices
+from scaletrain.config import check_config, load_config
+from scaletrain.logs import setup_logging
+from scaletrain.topology.init import env_world_size, init_topology
+from scaletrain.train.trainer import Trainer
+
+
+def live_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The full (un-sharded) weights of the running model, in its own dtype."""
+    params = dict(trainer.engine.module.named_parameters())
+    gather = contextlib.nullcontext()
+    if trainer.config.parallel.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None)
+    with gather:
+        local = {name: p.detach().clone() for name, p in params.items()}
+    tp, group = trainer.resolved.dims.tp, trainer.topology.groups.tp
+    full = {}
+    for name, param in params.items():
+        tensor = local[name]
+        if tp > 1 and getattr(param, "tensor_model_parallel", False):
+            parts = [torch.empty_like(tensor) for _ in range(tp)]
+            dist.all_gather(parts, tensor.contiguous(), group=group)
+            merged = merge_tp_slices(parts, param.partition_dim, param.partition_stride, name)
+            tensor = merged.to(tensor.dtype)
+        full[name] = tensor.contiguous()
+    return full
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True, help="safetensors file for the live weights")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    setup_logging()
+    config = load_config(args.config, args.overrides)
+    resolved = check_config(config, env_world_size())
+    topology = init_topology(resolved.dims)
+    trainer = Trainer(config, topology, resolved)
+    for _ in range(2):
+        trainer.train_step()
+        trainer.save()
+    weights = live_weights(trainer)
+    if topology.is_main:
+        save_file(weights, args.out)
+    dist.barrier()
+    topology.destroy()
+
+
+if __name__ == "__main__":
+    main()
