@@ -35,6 +35,8 @@ from scaletrain.checkpoint.convert import (
 )
 from scaletrain.checkpoint.manifest import (
     FORMAT_VERSION,
+    LATEST,
+    STAGING,
     Manifest,
     check_file,
     describe_file,
@@ -51,8 +53,6 @@ from scaletrain.topology.init import Topology
 
 log = get_logger(__name__)
 
-LATEST = "latest"
-STAGING = ".staging"
 RNG_DIR = "rng"
 
 
@@ -133,8 +133,8 @@ class CheckpointManager:
         staging_root = self.root / STAGING
         staging = staging_root / tag
         final = self.root / tag
-        if self.topology.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
+        if self.topology.is_main:  # leftovers of killed saves (and deletions) go first
+            shutil.rmtree(staging_root, ignore_errors=True)
             staging_root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         start = time.perf_counter()
@@ -148,7 +148,9 @@ class CheckpointManager:
             data["parameters"] = parameter_layout(engine.module)
             manifest = Manifest(staging, data)
             manifest.write()
-            shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step
+            fsync_dir(staging / RNG_DIR)
+            fsync_dir(staging)  # the entries must be durable before the folder becomes visible
+            self._delete(final)  # a re-save of the same step
             os.replace(staging, final)
             fsync_dir(self.root)
             self._point_latest(tag)
@@ -214,8 +216,18 @@ class CheckpointManager:
             keep |= {p for p in folders if (step_of(p) or 0) % c.keep_every == 0}
         for folder in folders:
             if folder not in keep:
-                shutil.rmtree(folder, ignore_errors=True)
+                self._delete(folder)
         prune_conversions(self.root)
+
+    def _delete(self, folder: Path) -> None:
+        """Hide a checkpoint with one rename, then delete it: a kill mid-way never leaves a
+        visible checkpoint with files missing."""
+        if not folder.exists():
+            return
+        doomed = self.root / STAGING / f"deleting-{folder.name}"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def due(self, step: int) -> bool:
         """Whether the interval (in steps or minutes) says to save after `step`."""

@@ -16,6 +16,8 @@ from typing import Any
 import xxhash
 
 MANIFEST = "manifest.json"
+LATEST = "latest"  # file naming the newest complete checkpoint
+STAGING = ".staging"  # checkpoints being written, and old ones being deleted
 FORMAT_VERSION = 1
 STEP_PREFIX = "step_"
 _CHUNK = 8 << 20

@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from scaletrain.checkpoint.manifest import (
+    LATEST,
     MANIFEST,
+    STAGING,
     Manifest,
     check_file,
     list_checkpoints,
@@ -39,10 +41,8 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-# The names CheckpointManager uses (manager.py pulls in megatron-core, seconds of imports that
-# `ckpt list` should not pay; torch too is only imported where tensors are touched).
-LATEST = "latest"
-STAGING = ".staging"
+# manager.py pulls in megatron-core, seconds of imports that `ckpt list` should not pay; torch
+# too is only imported where tensors are touched.
 CHECKPOINTS = "checkpoints"
 EXTRA_STATE = "._extra_state"  # megatron-core's per-layer FP8 metadata: None here, not a weight
 COMPLETE = "complete"

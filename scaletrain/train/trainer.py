@@ -201,7 +201,7 @@ class Trainer:
             "skipped": self.engine.skipped_steps > skipped_before,
         }
         if self.config.precision.dtype == "fp16":
-            metrics["loss_scale"] = float(self.engine.optimizer.cur_scale)
+            metrics["loss_scale"] = float(self.engine.optimizer.loss_scale)
         return metrics
 
     @torch.no_grad()

@@ -204,12 +204,6 @@ def test_consolidate_refuses_pickles_from_outside_a_run(
     assert not out.exists()
 
 
-def test_tools_use_the_managers_folder_names() -> None:
-    from scaletrain.checkpoint import manager, tools
-
-    assert (tools.LATEST, tools.STAGING) == (manager.LATEST, manager.STAGING)
-
-
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dim", [0, 1])
