@@ -66,6 +66,10 @@ class TrainState:
     consumed_tokens: int
     sampler: dict[str, Any]
     skipped_steps: int = 0
+    lr_schedule: dict[str, Any] | None = None
+    """Recorded for people and tools (DeepSpeed restores the schedule itself)."""
+    loss_scale: float | None = None
+    """fp16's dynamic loss scale, recorded likewise (DeepSpeed restores it)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -194,6 +198,8 @@ class CheckpointManager:
             "consumed_tokens": state.consumed_tokens,
             "skipped_steps": state.skipped_steps,
             "sampler": state.sampler,
+            "lr_schedule": state.lr_schedule,
+            "loss_scale": state.loss_scale,
             "layout": self.layout(),
             "precision": self.config.precision.dtype,
             "config": to_dict(self.config),

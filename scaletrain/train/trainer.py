@@ -136,6 +136,11 @@ class Trainer:
             consumed_tokens=consumed * self.config.train.seq_len,
             sampler=sampler,
             skipped_steps=self.engine.skipped_steps,
+            lr_schedule={
+                "last_epoch": self.engine.lr_scheduler.last_epoch,
+                "last_lr": self.engine.lr_scheduler.get_last_lr(),
+            },
+            loss_scale=self._loss_scale(),
         )
         path = self.checkpoints.save(self.engine, state)
         self.stopwatch.record_save(time.perf_counter() - start)
@@ -201,8 +206,13 @@ class Trainer:
             "skipped": self.engine.skipped_steps > skipped_before,
         }
         if self.config.precision.dtype == "fp16":
-            metrics["loss_scale"] = float(self.engine.optimizer.loss_scale)
+            metrics["loss_scale"] = self._loss_scale()
         return metrics
+
+    def _loss_scale(self) -> float | None:
+        if self.config.precision.dtype != "fp16":
+            return None
+        return float(self.engine.optimizer.loss_scale)
 
     @torch.no_grad()
     def evaluate(self) -> float:

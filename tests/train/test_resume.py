@@ -6,6 +6,7 @@ so a resumed run that is off by one ulp has lost some state.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -84,20 +85,25 @@ def test_kill_9_then_resume_is_bit_exact(
     assert curve(got) == curve(want)
 
 
-def test_sigusr1_saves_exits_75_and_resumes_exactly(
-    stdlib_data: Path, tmp_path_factory, tmp_path: Path
+@pytest.mark.parametrize(
+    ("victim", "signum"), [("rank", signal.SIGUSR1), ("launcher", signal.SIGTERM)]
+)
+def test_stop_signal_saves_exits_75_and_resumes_exactly(
+    victim: str, signum: signal.Signals, stdlib_data: Path, tmp_path_factory, tmp_path: Path
 ) -> None:
     want = uninterrupted("tp1dp2-zero1", stdlib_data, tmp_path_factory.getbasetemp())
     nproc, overrides = LAYOUTS["tp1dp2-zero1"]
     proc = start_training(nproc, tmp_path, stdlib_data, *COMMON, *overrides)
     wait_for_step(tmp_path, 3, proc)
-    os.kill(rank_pids(proc)[-1], signal.SIGUSR1)  # one rank is enough: the ranks agree
+    # One rank is enough (the ranks agree); torchrun passes SIGTERM on to every rank.
+    os.kill(rank_pids(proc)[-1] if victim == "rank" else proc.pid, signum)
     proc.wait(timeout=120)
     log = launcher_log(tmp_path)
     stopped_at = read_metrics(tmp_path)[-1]["step"]
     assert 3 <= stopped_at < 8
-    assert "exitcode  : 75" in log or "exitcode: 75" in log
-    assert f"stopped after step {stopped_at} (signal SIGUSR1)" in log
+    assert f"stopped after step {stopped_at} (signal {signum.name})" in log
+    if victim == "rank":  # torchrun reports its workers' exit codes
+        assert "exitcode  : 75" in log or "exitcode: 75" in log
     latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{stopped_at:08d}"
 
@@ -116,6 +122,24 @@ def test_corrupt_checkpoints_fall_back_to_the_previous_good_one(
         "step_00000006",
         "step_00000008",
     ]
+    manifest = json.loads((root / "step_00000008" / "manifest.json").read_text())
+    consumed = 8 * 8  # steps x global batch
+    assert (manifest["step"], manifest["consumed_samples"]) == (8, consumed)
+    assert manifest["consumed_tokens"] == consumed * 32
+    assert manifest["sampler"]["consumed_samples"] == consumed
+    assert manifest["layout"] == {
+        "tp": 1,
+        "pp": 1,
+        "dp": 2,
+        "ep": 1,
+        "zero_stage": 1,
+        "world_size": 2,
+    }
+    assert manifest["lr_schedule"]["last_epoch"] == 8 and manifest["loss_scale"] is None
+    assert manifest["lr_schedule"]["last_lr"][0] == pytest.approx(3e-4)  # tiny: min_lr at the end
+    assert manifest["config"]["train"]["steps"] == 8
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"rng/rank_00000.pt", "rng/rank_00001.pt", "mp_rank_00_model_states.pt"} <= paths
     truncated = root / "step_00000008" / "mp_rank_00_model_states.pt"
     first_size = truncated.stat().st_size
     truncated.write_bytes(truncated.read_bytes()[:1000])
@@ -188,3 +212,35 @@ def test_time_limit_saves_and_exits_75_before_the_limit(stdlib_data: Path, tmp_p
     assert f"stopped after step {last} (time limit)" in log
     assert "exitcode  : 75" in log or "exitcode: 75" in log
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
+
+
+def test_load_weights_only_starts_a_new_run_from_trained_weights(
+    stdlib_data: Path, tmp_path: Path
+) -> None:
+    nproc, overrides = LAYOUTS["tp1dp2-zero1"]
+    donor = train(nproc, tmp_path / "donor", stdlib_data, *COMMON, *overrides)
+    source = tmp_path / "donor" / "checkpoints" / "step_00000008"
+    fresh = train(nproc, tmp_path / "fresh", stdlib_data, *COMMON, *overrides)
+    new = ("checkpoint.load_weights_only=true", f"checkpoint.resume={source}")
+    with pytest.raises(AssertionError) as refused:
+        train(nproc, tmp_path / "refused", stdlib_data, *COMMON, *overrides, *new)
+    assert (
+        f"checkpoint.resume: {source} is outside this run's checkpoints "
+        f"({tmp_path / 'refused' / 'checkpoints'}) and DeepSpeed loads it with pickle; set "
+        "checkpoint.allow_external_pickle=true if you trust it"
+    ) in str(refused.value)
+
+    got = train(
+        nproc,
+        tmp_path / "new",
+        stdlib_data,
+        *COMMON,
+        *overrides,
+        *new,
+        "checkpoint.allow_external_pickle=true",
+    )
+    assert [m["step"] for m in got] == list(range(1, 9))  # a new run: step 1, fresh schedule
+    assert [m["lr"] for m in got] == [m["lr"] for m in fresh]
+    # The same first batch as the fresh run, but trained weights: a much lower loss.
+    assert got[0]["loss"] < fresh[0]["loss"] - 0.5
+    assert got[0]["loss"] < donor[0]["loss"] - 0.5
