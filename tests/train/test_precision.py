@@ -10,9 +10,10 @@ from tests.distributed import TINY, assert_losses_close, read_metrics, torchrun,
 
 pytestmark = pytest.mark.slow
 
-# bf16 keeps 8 mantissa bits: over 6 steps the tiny model's loss stays within 1% of fp32
-# (measured: ~1e-3 relative).
-BF16_REL = 1e-2
+# bf16 keeps 8 mantissa bits; DeepSpeed keeps fp32 master weights. Over 6 steps the tiny
+# model's loss differs from fp32 by ~1e-4 relative (measured: 1.0e-4 on the test data, 4.3e-5
+# on data/stdlib); the bound leaves 10x room.
+BF16_REL = 1e-3
 
 
 def test_bf16_tracks_fp32(stdlib_data: Path, tmp_path: Path) -> None:
