@@ -23,16 +23,27 @@ def rank_env() -> dict[str, str]:
     return env
 
 
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    """`torchrun --standalone --nproc-per-node nproc <args>` with this interpreter."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*run, f"--nproc-per-node={nproc}", *args]
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`scaletrain <args>` as its own process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "scaletrain", *args],
+        cwd=REPO,
+        env=rank_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node nproc <args>`; fails the test with rank output."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *args,
-    ]
+    command = torchrun_command(nproc, *args)
     done = subprocess.run(
         command, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=timeout
     )
@@ -80,14 +91,7 @@ def start_script(nproc: int, run_dir: Path, *args: str) -> subprocess.Popen:
     """`torchrun <args>` in the background, output to <run_dir>/launcher.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log = (run_dir / "launcher.log").open("a")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *args,
-    ]
+    command = torchrun_command(nproc, *args)
     return subprocess.Popen(
         command,
         cwd=REPO,

@@ -19,10 +19,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from scaletrain.checkpoint.tools import merge_tp_slices
-from scaletrain.config import check_config, load_config
-from scaletrain.logs import setup_logging
-from scaletrain.topology.init import env_world_size, init_topology
 from scaletrain.train.trainer import Trainer
+from tests.trainer_script import trainer_from_argv
 
 
 def live_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -51,14 +49,7 @@ def live_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, help="safetensors file for the live weights")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    setup_logging()
-    config = load_config(args.config, args.overrides)
-    resolved = check_config(config, env_world_size())
-    topology = init_topology(resolved.dims)
-    trainer = Trainer(config, topology, resolved)
+    args, trainer, topology = trainer_from_argv(parser)
     for _ in range(2):
         trainer.train_step()
         trainer.save()

@@ -8,8 +8,6 @@ consolidated file must hold exactly those weights (torch.equal) under the model'
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from scaletrain.checkpoint.manifest import Manifest, describe_file, tag_for
 from scaletrain.checkpoint.tools import consolidate, merge_tp_slices, split_tp
 from scaletrain.cli import main
 from scaletrain.errors import ScaletrainError
-from tests.distributed import REPO, TINY, rank_env, torchrun
+from tests.distributed import REPO, TINY, run_cli, torchrun
 
 SAVED_AT = "2026-01-02T03:04:05+0000"
 FILES = {  # path -> size: 9.5 kB per checkpoint
@@ -61,18 +59,6 @@ def ckpt(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, list[str], lis
     code = main(["ckpt", *args])
     out, err = capsys.readouterr()
     return code, out.splitlines(), err.splitlines()
-
-
-def scaletrain(*args: str) -> subprocess.CompletedProcess:
-    """Run `scaletrain ...` as its own process, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "scaletrain", *args],
-        cwd=REPO,
-        env=rank_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def header(tag_width: int) -> str:
@@ -191,7 +177,7 @@ def test_consolidate_refuses_pickles_from_outside_a_run(
 ) -> None:
     out = tmp_path / "m.safetensors"
     outside = fake_checkpoint(tmp_path / "downloads", 4)  # has `latest`, not `checkpoints/`
-    done = scaletrain("ckpt", "consolidate", str(outside), str(out))
+    done = run_cli("ckpt", "consolidate", str(outside), str(out))
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.splitlines() == [
         f"{outside} is not inside a run's checkpoints/ folder and DeepSpeed's files are loaded "
@@ -266,7 +252,7 @@ def test_consolidated_weights_equal_the_live_model(
     )
     folder = run_dir / "checkpoints" / "step_00000002"
     out = tmp_path / "consolidated" / "model.safetensors"
-    done = scaletrain("ckpt", "consolidate", str(folder), str(out))
+    done = run_cli("ckpt", "consolidate", str(folder), str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith(f"wrote {out}: 15 tensors, ")
     assert done.stdout.rstrip().endswith(", step 2")

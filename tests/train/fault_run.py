@@ -15,24 +15,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from scaletrain.config import check_config, load_config
-from scaletrain.logs import setup_logging
-from scaletrain.topology.init import env_world_size, init_topology
-from scaletrain.train.trainer import Trainer
+from tests.trainer_script import trainer_from_argv
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--poison", choices=["inf", "nan", "hang", "slow-save"], required=True)
     parser.add_argument("--at", required=True, help="comma-separated steps (1-based)")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    setup_logging()
-    config = load_config(args.config, args.overrides)
-    resolved = check_config(config, env_world_size())
-    topology = init_topology(resolved.dims)
-    trainer = Trainer(config, topology, resolved)
+    args, trainer, topology = trainer_from_argv(parser)
     pending = {int(s) for s in args.at.split(",")}
     backward = trainer.engine.backward
 

@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.distributed import REPO, TINY, rank_env, read_metrics, train
+from tests.distributed import TINY, read_metrics, run_cli, train
 
 pytestmark = pytest.mark.slow
 
 
-def scaletrain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "scaletrain", *args],
-        cwd=REPO,
-        env=rank_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_launch_local_trains_and_prints_final_losses(stdlib_data: Path, tmp_path: Path) -> None:
-    done = scaletrain(
+    done = run_cli(
         "launch",
         "local",
         "--nproc",
@@ -50,7 +37,7 @@ def test_launch_local_trains_and_prints_final_losses(stdlib_data: Path, tmp_path
 
 
 def test_launch_local_rejects_a_bad_layout_before_starting(stdlib_data: Path) -> None:
-    done = scaletrain(
+    done = run_cli(
         "launch",
         "local",
         "--nproc",
@@ -76,11 +63,11 @@ def test_prepare_with_shared_tokenizer_then_blend(stdlib_data: Path, tmp_path: P
     second = tmp_path / "second"
     args = ["data", "prepare", "--input", str(texts), "--output", str(second)]
     args += ["--tokenizer", str(stdlib_data / "tokenizer")]
-    first_run = scaletrain(*args)
+    first_run = run_cli(*args)
     assert first_run.returncode == 0, first_run.stderr[-2000:]
     metadata = second / "metadata.json"
     stamp = metadata.stat().st_mtime_ns
-    again = scaletrain(*args)
+    again = run_cli(*args)
     assert again.returncode == 0 and metadata.stat().st_mtime_ns == stamp
     assert again.stdout == first_run.stdout
     meta = json.loads(metadata.read_text())
