@@ -165,6 +165,11 @@ def _check_model(config: Config, dims: ParallelDims) -> None:
         _positive(m.num_kv_heads, "model.num_kv_heads")
     if m.ffn_hidden_size is not None:
         _positive(m.ffn_hidden_size, "model.ffn_hidden_size")
+    if m.activation_checkpointing_every < 1:
+        raise ConfigError(
+            "model.activation_checkpointing_every",
+            f"must be >= 1 (1 recomputes every block), got {m.activation_checkpointing_every}",
+        )
     if m.hidden_size % m.num_heads:
         raise ConfigError(
             "model.hidden_size",

@@ -45,6 +45,11 @@ class ModelConfig:
     1/sqrt(2 * num_layers) as in GPT-2 / Megatron."""
     num_experts: int = 0
     """Experts per MoE layer; 0 is a dense model (MoE arrives in a later release)."""
+    activation_checkpointing: Literal["none", "full", "every_n"] = "none"
+    """Recompute decoder blocks in the backward pass instead of keeping their activations:
+    none, full (every block) or every_n (every activation_checkpointing_every-th block)."""
+    activation_checkpointing_every: int = 2
+    """every_n only: recompute blocks 0, n, 2n, ...; the others keep their activations."""
 
     @property
     def kv_heads(self) -> int:

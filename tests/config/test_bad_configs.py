@@ -411,6 +411,19 @@ CASES = [
         "model.num_kv_heads=0",
         expected="config error: model.num_kv_heads: must be > 0, got 0",
     ),
+    case(
+        "activation_checkpointing_unknown",
+        "model.activation_checkpointing=selective",
+        expected="config error: model.activation_checkpointing: 'selective' is not one of "
+        "none | full | every_n",
+    ),
+    case(
+        "activation_checkpointing_every_zero",
+        "model.activation_checkpointing=every_n",
+        "model.activation_checkpointing_every=0",
+        expected="config error: model.activation_checkpointing_every: must be >= 1 "
+        "(1 recomputes every block), got 0",
+    ),
     # --- precision -----------------------------------------------------------------------
     case(
         "loss_scale_with_bf16",
@@ -582,7 +595,8 @@ SUBPROCESS_CASES = [
         "model.num_layer=4",
         expected="config error: model.num_layer: unknown field; known fields are vocab_size, "
         "make_vocab_size_divisible_by, hidden_size, num_layers, num_heads, num_kv_heads, "
-        "ffn_hidden_size, max_seq_len, rope_theta, norm_eps, tie_embeddings, init_std, num_experts",
+        "ffn_hidden_size, max_seq_len, rope_theta, norm_eps, tie_embeddings, init_std, "
+        "num_experts, activation_checkpointing, activation_checkpointing_every",
     ),
     case(
         "fp16_and_bf16",
