@@ -255,6 +255,13 @@ class Trainer:
                 )
 
     def run(self) -> RunSummary:
+        if self.step >= self.config.train.steps:
+            self.metrics.summary(
+                f"nothing to do: {self.run_dir} is complete at step {self.step} (train.steps); "
+                "set checkpoint.resume=none or a new train.run_dir to train again"
+            )
+            self.metrics.close()
+            return RunSummary(self.step, math.nan, None, 0.0)
         log.info(
             "training %s on %d rank(s) [%s], global batch %d x %d tokens, %d steps",
             _count_params(self.engine.module),

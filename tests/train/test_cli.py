@@ -13,17 +13,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_launch_local_trains_and_prints_final_losses(stdlib_data: Path, tmp_path: Path) -> None:
-    done = run_cli(
-        "launch",
-        "local",
-        "--nproc",
-        "2",
-        "--config",
-        str(TINY),
-        f"data.paths=[{stdlib_data}]",
-        f"train.run_dir={tmp_path}",
-        "parallel.zero_stage=1",
-    )
+    command = ("launch", "local", "--nproc", "2", "--config", str(TINY))
+    command += (f"data.paths=[{stdlib_data}]", f"train.run_dir={tmp_path}", "parallel.zero_stage=1")
+    done = run_cli(*command)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
@@ -34,6 +26,14 @@ def test_launch_local_trains_and_prints_final_losses(stdlib_data: Path, tmp_path
     )
     assert summary in done.stdout
     assert (tmp_path / "config.yaml").read_text().count("zero_stage: 1") == 1
+
+    again = run_cli(*command)  # the finished run resumes from its final checkpoint
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (
+        f"nothing to do: {tmp_path} is complete at step 6 (train.steps); set "
+        "checkpoint.resume=none or a new train.run_dir to train again"
+    ) in again.stdout
+    assert read_metrics(tmp_path) == metrics
 
 
 def test_launch_local_rejects_a_bad_layout_before_starting(stdlib_data: Path) -> None:
