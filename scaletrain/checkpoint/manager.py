@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,11 +173,15 @@ class CheckpointManager:
     def _describe_files(self, folder: Path) -> list[dict[str, Any]]:
         """Flush and checksum all files; the ranks share the work, rank 0 gets the list."""
         names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-        mine = names[self.topology.rank :: self.topology.world_size]
-        described = [describe_file(folder, name) for name in mine]
-        gathered: list[list[dict[str, Any]]] = [[] for _ in range(self.topology.world_size)]
-        dist.all_gather_object(gathered, described)
-        return sorted((entry for part in gathered for entry in part), key=lambda e: e["path"])
+        described = self._share_work(names, lambda name: describe_file(folder, name))
+        return sorted(described, key=lambda e: e["path"])
+
+    def _share_work(self, items: list[Any], work: Callable[[Any], Any]) -> list[Any]:
+        """Collective: every rank does `work` on its round-robin share; all get all results."""
+        mine = [work(item) for item in items[self.topology.rank :: self.topology.world_size]]
+        gathered: list[list[Any]] = [[] for _ in range(self.topology.world_size)]
+        dist.all_gather_object(gathered, mine)
+        return [result for part in gathered for result in part]
 
     def layout(self) -> dict[str, Any]:
         """This run's layout, as the manifest records it."""
@@ -258,15 +263,11 @@ class CheckpointManager:
     def verify(self, folder: Path) -> str | None:
         """Collective: None if every file matches the manifest, else the first problem."""
         manifest = Manifest.read(folder)
-        problems: list[str] = []
-        if manifest is None:
-            problems.append(f"{folder.name}/manifest.json is missing or unreadable")
-        else:
-            mine = manifest.files[self.topology.rank :: self.topology.world_size]
-            problems = [p for p in (check_file(folder, e) for e in mine) if p]
-        gathered: list[list[str]] = [[] for _ in range(self.topology.world_size)]
-        dist.all_gather_object(gathered, problems)
-        found = sorted(p for part in gathered for p in part)
+        if manifest is None:  # every rank reads the same file, so all return here together
+            return f"{folder.name}/manifest.json is missing or unreadable"
+        found = sorted(
+            p for p in self._share_work(manifest.files, lambda e: check_file(folder, e)) if p
+        )
         return found[0] if found else None
 
     def select(self) -> Path | None:

@@ -70,12 +70,7 @@ class TokenDataset:
         return self._len
 
     def __getitem__(self, index: int) -> np.ndarray:
-        i = operator.index(index)
-        if i < 0:
-            i += self._len
-        if not 0 <= i < self._len:
-            raise IndexError(f"sample {index} out of range for {self._len} samples")
-        start = i * self.seq_len
+        start = _sample_position(index, self._len) * self.seq_len
         return self.tokens(start, start + self.seq_len + 1)
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
@@ -150,13 +145,19 @@ class BlendedDataset:
         return self.size
 
     def __getitem__(self, index: int) -> np.ndarray:
-        i = operator.index(index)
-        if i < 0:
-            i += self.size
-        if not 0 <= i < self.size:
-            raise IndexError(f"sample {index} out of range for {self.size} samples")
+        i = _sample_position(index, self.size)
         d = int(self.dataset_index[i])
         return self.datasets[d][int(self.sample_index[i])]
+
+
+def _sample_position(index: int, size: int) -> int:
+    """`index` as a position in [0, size), Python-style negatives allowed."""
+    i = operator.index(index)
+    if i < 0:
+        i += size
+    if not 0 <= i < size:
+        raise IndexError(f"sample {index} out of range for {size} samples")
+    return i
 
 
 def _greedy_blend(weights: np.ndarray, size: int) -> np.ndarray:

@@ -89,16 +89,18 @@ class Heartbeat:
     def _report(self, stalled: float, interval: float) -> None:
         keys = [KEY.format(rank=r) for r in range(self.world_size)]
         now = time.time()
-        behind, silent = [], []
+        behind: dict[int, str] = {}
+        silent: dict[int, str] = {}
         for rank, raw in enumerate(self._store.multi_get(keys)):
             step, micro, phase, stamp = json.loads(raw)
             if Marker(step, micro, phase) < self.marker:
-                behind.append(f"{rank} (step {step}, micro-batch {micro}, {PHASES[phase]})")
+                behind[rank] = f"{rank} (step {step}, micro-batch {micro}, {PHASES[phase]})"
             elif now - stamp > 4 * interval:
-                silent.append(f"{rank} (silent for {now - stamp:.0f}s)")
-        if not behind and not silent:
+                silent[rank] = f"{rank} (silent for {now - stamp:.0f}s)"
+        named = behind | silent
+        if not named:
             return  # everyone is as far as we are: a slow step, not a hang
-        if self.rank != min(r for r in range(self.world_size) if not _named(r, behind + silent)):
+        if self.rank != min(r for r in range(self.world_size) if r not in named):
             return  # one rank speaks for all the waiting ones
         m = self.marker
         log.error(
@@ -106,9 +108,5 @@ class Heartbeat:
             stalled,
             m.step,
             PHASES[m.phase],
-            ", ".join(behind + silent),
+            ", ".join(named.values()),
         )
-
-
-def _named(rank: int, entries: list[str]) -> bool:
-    return any(entry.split(" ", 1)[0] == str(rank) for entry in entries)
