@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
+export PATH="$PWD/.venv/bin:$PATH" # the venv's ninja builds DeepSpeed's CPU comm op (see test.sh)
 
 .venv/bin/scaletrain data prepare --stdlib --output data/stdlib --vocab-size 4096
 exec .venv/bin/scaletrain launch local --nproc 2 --config configs/runs/quickstart.yaml "$@"

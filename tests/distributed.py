@@ -20,6 +20,8 @@ TINY = REPO / "configs" / "runs" / "tiny.yaml"
 def rank_env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    # The venv's ninja builds DeepSpeed's CPU comm op; another ninja on PATH would rebuild it.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 

@@ -1,8 +1,28 @@
-"""torchrun command lines for one machine."""
+"""`scaletrain launch local`: torchrun on this machine, with signals passed on and exit 75 kept.
+
+torchrun runs as a child in its own session, so a Ctrl-C in the terminal reaches only this
+launcher, which turns it into a stop request: SIGINT, SIGTERM and SIGUSR1 become SIGTERM to
+torchrun, which passes it to every rank; the ranks agree, save and exit 75. A second Ctrl-C
+kills torchrun (and with it the ranks). The exit status is the run's: 0 done, 75 stopped
+resumably (torchrun itself says 1 then), the workers' code otherwise.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import signal
+import subprocess
 import sys
+from pathlib import Path
+from types import FrameType
+
+from scaletrain.launch.outcome import clear_marker, launcher_exit_code
+from scaletrain.logs import get_logger
+
+log = get_logger(__name__)
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+PR_SET_PDEATHSIG = 1
 
 
 def local_command(nproc: int, config: str, overrides: list[str]) -> list[str]:
@@ -20,3 +40,42 @@ def local_command(nproc: int, config: str, overrides: list[str]) -> list[str]:
         config,
         *overrides,
     ]
+
+
+def _term_with_parent() -> None:
+    """In the child: SIGTERM (a stop request, not a kill) if this launcher dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def run_local(nproc: int, config: str, overrides: list[str], run_dir: str | Path) -> int:
+    """Run torchrun to the end; returns the run's exit status (0, 75 or the failure)."""
+    clear_marker(run_dir)
+    proc = subprocess.Popen(
+        local_command(nproc, config, overrides),
+        start_new_session=True,
+        preexec_fn=_term_with_parent,
+    )
+    requests = 0
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal requests
+        requests += 1
+        name = signal.Signals(signum).name
+        if requests == 1:
+            log.warning("%s: asking the ranks to save and stop (again to kill them)", name)
+            proc.send_signal(signal.SIGTERM)
+        else:
+            log.warning("%s again: killing torchrun", name)
+            proc.kill()
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        returncode = proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    code = launcher_exit_code(returncode, run_dir)
+    if code != returncode:
+        log.info("torchrun exited %d; the run stopped resumably: exit %d", returncode, code)
+    return code

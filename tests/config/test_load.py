@@ -13,7 +13,8 @@ from scaletrain.config import Config, check_config, dump_yaml, from_dict, load_c
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml")) + sorted(CONFIGS.rglob("*.yml"))
 MODEL_FILES = [p for p in ALL_YAML if p.parent.name == "models"]
-RUN_FILES = [p for p in ALL_YAML if p.parent.name != "models"]
+RUN_FILES = [p for p in ALL_YAML if p.parent.name == "runs"]
+CLUSTER_FILES = [p for p in ALL_YAML if p.parent.name == "clusters"]
 VOCAB_WITHOUT_DATA = 4096
 
 
@@ -40,6 +41,18 @@ def test_shipped_run_config_loads_and_checks(path: Path) -> None:
     resolved = check_config(config, world_size=world_size, check_data=False)
     assert resolved.dims.world_size == world_size
     assert resolved.global_batch == resolved.micro_batch * resolved.grad_accum * resolved.dims.dp
+
+
+def test_every_shipped_yaml_is_a_run_model_or_cluster_file() -> None:
+    assert set(ALL_YAML) == set(RUN_FILES) | set(MODEL_FILES) | set(CLUSTER_FILES)
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=_ids(CLUSTER_FILES))
+def test_shipped_cluster_file_loads(path: Path) -> None:
+    from scaletrain.launch.cluster import load_cluster
+
+    cluster = load_cluster(str(path))
+    assert cluster.gpus_per_node >= 1
 
 
 @pytest.mark.parametrize("path", MODEL_FILES, ids=_ids(MODEL_FILES))
