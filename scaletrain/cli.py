@@ -8,6 +8,7 @@
     scaletrain ckpt list runs/quickstart
     scaletrain ckpt verify runs/quickstart/checkpoints/step_00000400
     scaletrain ckpt consolidate runs/quickstart/checkpoints/step_00000400 model.safetensors
+    scaletrain scaletest --config configs/runs/tiny.yaml --world-size 4
 
 Errors a user can fix print one line on stderr and exit with status 2; a run stopped by a
 signal or its time limit saves a checkpoint and exits with 75 (run it again to resume).
@@ -16,7 +17,6 @@ signal or its time limit saves a checkpoint and exits with 75 (run it again to r
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from scaletrain.errors import ConfigError, ScaletrainError
@@ -63,9 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = commands.add_parser("launch", help="start training on this machine or a cluster")
     launch_cmds = launch.add_subparsers(dest="action", required=True)
-    local = launch_cmds.add_parser("local", help="torchrun on this machine")
+    local = launch_cmds.add_parser(
+        "local", help="torchrun on this machine; exit 0 done, 75 stopped resumably"
+    )
     local.add_argument("--nproc", type=int, required=True, help="ranks to start")
     _add_config_args(local)
+    slurm = launch_cmds.add_parser(
+        "slurm", help="write (and submit) an sbatch job from the run config and a cluster file"
+    )
+    _add_config_args(slurm)
+    slurm.add_argument(
+        "--cluster", required=True, help="configs/clusters/NAME or a path; cluster.f=v overrides"
+    )
+    slurm.add_argument("--nodes", type=int, help="nodes (default: the cluster file's nodes)")
+    slurm.add_argument("--chain", type=int, default=1, help="K jobs, each after the one before")
+    how = slurm.add_mutually_exclusive_group()
+    how.add_argument("--dry-run", action="store_true", help="print script, sbatch; write nothing")
+    how.add_argument("--submit", action="store_true", help="write the files and sbatch them")
+    status = launch_cmds.add_parser("status", help="a run's SLURM jobs, restarts, step, loss")
+    status.add_argument("run_dir", help="the run folder (train.run_dir)")
 
     ckpt = commands.add_parser("ckpt", help="list, verify and consolidate checkpoints")
     ckpt_cmds = ckpt.add_subparsers(dest="action", required=True)
@@ -84,6 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle",
         action="store_true",
         help="open a checkpoint outside a run's checkpoints/ folder (pickle: trusted files only)",
+    )
+    scaletest = commands.add_parser(
+        "scaletest", help="train every layout of N ranks for K steps and compare with one rank"
+    )
+    _add_config_args(scaletest)
+    scaletest.add_argument("--world-size", type=int, required=True, help="simulated ranks")
+    scaletest.add_argument("--steps", type=int, default=6, help="steps per layout (K)")
+    scaletest.add_argument(
+        "--layouts", help="comma-separated, e.g. tp2pp1dp1,tp1pp1dp2z1 (default: every valid one)"
+    )
+    scaletest.add_argument(
+        "--tolerance",
+        type=float,
+        help="largest relative loss difference (default by precision.dtype: fp32 1e-5, bf16 and "
+        "fp16 1e-3)",
+    )
+    scaletest.add_argument(
+        "--explain", action="store_true", help="list the rejected layouts with the reason"
+    )
+    scaletest.add_argument(
+        "--reference", help="compare with this existing single-rank run dir instead of training one"
     )
     return parser
 
@@ -119,24 +156,39 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "train":
+        from scaletrain.launch.outcome import resumable_marker
         from scaletrain.logs import setup_logging
         from scaletrain.train.trainer import train
 
         setup_logging()
 
-        train(load_config(args.config, args.overrides))
+        config = load_config(args.config, args.overrides)
+        with resumable_marker(config.train.run_dir):  # for launchers: torchrun hides exit 75
+            train(config)
         return 0
     if args.command == "data":
         return _prepare(args)
     if args.command == "ckpt":
         return _ckpt(args)
-    if args.command == "launch":
-        config = load_config(args.config, args.overrides)
-        check_config(config, args.nproc)
-        from scaletrain.launch.torchrun import local_command
+    if args.command == "scaletest":
+        from scaletrain.logs import setup_logging
+        from scaletrain.scaletest.run import scaletest
 
-        command = local_command(args.nproc, args.config, args.overrides)
-        os.execv(command[0], command)
+        setup_logging()
+        return scaletest(
+            args.config,
+            args.overrides,
+            args.world_size,
+            steps=args.steps,
+            layouts=args.layouts,
+            tolerance=args.tolerance,
+            explain=args.explain,
+            reference=args.reference,
+        )
+    if args.command == "launch":
+        from scaletrain.launch.commands import launch
+
+        return launch(args)
     raise AssertionError(args)
 
 

@@ -73,6 +73,11 @@ def check_reshardable(manifest: Manifest, current: dict[str, Any], precision: st
             f"{where}: its manifest has no parameter layout (saved by an older scaletrain); "
             "resume it on its own layout once and save again"
         )
+    if manifest.data.get("config", {}).get("model", {}).get("num_experts", 0):
+        raise ScaletrainError(
+            f"{where}: an MoE checkpoint cannot change layout (DeepSpeed's universal "
+            "conversion does not read its per-expert files); resume it on the saved layout"
+        )
     for side, layout in (("saved", saved), ("current", current)):
         if layout.get("pp", 1) > 1 or layout.get("ep", 1) > 1:
             raise ScaletrainError(f"{where}: resharding with pp or ep > 1 is not supported")

@@ -148,9 +148,10 @@ class CheckpointManager:
         torch.save(rng_state(), staging / RNG_DIR / f"rank_{self.topology.rank:05d}.pt")
         dist.barrier()
         files = self._describe_files(staging)
+        parameters = self._parameter_layout(engine.module)
         if self.topology.is_main:
             data = self._manifest_data(state, files)
-            data["parameters"] = parameter_layout(engine.module)
+            data["parameters"] = parameters
             manifest = Manifest(staging, data)
             manifest.write()
             fsync_dir(staging / RNG_DIR)
@@ -175,6 +176,15 @@ class CheckpointManager:
         names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
         described = self._share_work(names, lambda name: describe_file(folder, name))
         return sorted(described, key=lambda e: e["path"])
+
+    def _parameter_layout(self, module: torch.nn.Module) -> dict[str, dict[str, Any]]:
+        """Collective with pp > 1: rank 0 holds only the first stage, so all stages report."""
+        layout = parameter_layout(module)
+        if self.topology.dims.pp == 1:
+            return layout
+        stages: list[dict[str, dict[str, Any]]] = [{} for _ in range(self.topology.world_size)]
+        dist.all_gather_object(stages, layout)
+        return {name: info for stage in stages for name, info in sorted(stage.items())}
 
     def _share_work(self, items: list[Any], work: Callable[[Any], Any]) -> list[Any]:
         """Collective: every rank does `work` on its round-robin share; all get all results."""

@@ -288,6 +288,11 @@ def consolidate(folder: Path, out: Path, allow_pickle: bool = False) -> Consolid
         raise ScaletrainError(f"{folder}: no such folder")
     check_trusted(folder, allow_pickle)
     manifest = verify(folder)
+    if manifest.data.get("config", {}).get("model", {}).get("num_experts", 0):
+        raise ScaletrainError(
+            f"{folder}: consolidating an MoE checkpoint is not supported (its experts are in "
+            "per-expert files that DeepSpeed's zero_to_fp32 does not read)"
+        )
     layout = manifest.data["layout"]
     if layout.get("pp", 1) != 1 or layout.get("ep", 1) != 1:
         raise ScaletrainError(

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError
 from scaletrain.topology.dims import ParallelDims
@@ -32,13 +34,13 @@ class Resolved:
 
 def check_config(config: Config, world_size: int, check_data: bool = True) -> Resolved:
     """Validate the whole config for a world size; raise ConfigError on the first problem."""
-    _check_unsupported(config)
     dims = ParallelDims.resolve(
         config.parallel.tp, config.parallel.pp, config.parallel.dp, config.parallel.ep, world_size
     )
     _check_model(config, dims)
     _check_precision(config)
     micro, accum, global_batch = _check_batch(config, dims)  # before optim: it checks steps
+    _check_moe(config, dims)
     _check_optim(config)
     _check_checkpoint(config)
     _check_fault(config)
@@ -60,30 +62,6 @@ def check_config(config: Config, world_size: int, check_data: bool = True) -> Re
         vocab_size=vocab,
         padded_vocab_size=config.model.padded_vocab_size(vocab),
     )
-
-
-def _check_unsupported(config: Config) -> None:
-    # Only values above the supported one are "not supported"; 0 or negative degrees get the
-    # plain range message from ParallelDims.resolve / below.
-    if config.parallel.pp > 1:
-        raise ConfigError(
-            "parallel.pp",
-            f"pipeline parallelism is not supported yet (got {config.parallel.pp}); use pp=1",
-        )
-    if config.model.num_experts < 0:
-        raise ConfigError(
-            "model.num_experts", f"must be >= 0 (0 = dense), got {config.model.num_experts}"
-        )
-    if config.model.num_experts > 0:
-        raise ConfigError(
-            "model.num_experts",
-            f"mixture of experts is not supported yet (got {config.model.num_experts}); use 0",
-        )
-    if config.parallel.ep > 1:
-        raise ConfigError(
-            "parallel.ep",
-            f"expert parallelism is not supported yet (got {config.parallel.ep}); use ep=1",
-        )
 
 
 def parse_duration(text: str) -> float:
@@ -208,11 +186,7 @@ def _check_model(config: Config, dims: ParallelDims) -> None:
             f"({m.make_vocab_size_divisible_by}) must be a multiple of parallel.tp ({dims.tp}) "
             "so that the padded vocabulary splits evenly",
         )
-    if m.num_layers % dims.pp:
-        raise ConfigError(
-            "model.num_layers",
-            f"({m.num_layers}) must be divisible by parallel.pp ({dims.pp})",
-        )
+    _check_pipeline(config, dims)
     if config.train.seq_len > m.max_seq_len:
         raise ConfigError(
             "train.seq_len",
@@ -222,6 +196,109 @@ def _check_model(config: Config, dims: ParallelDims) -> None:
         raise ConfigError(
             "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {config.parallel.zero_stage}"
         )
+
+
+def _check_pipeline(config: Config, dims: ParallelDims) -> None:
+    m, p = config.model, config.parallel
+    if p.pipeline_partition == "uniform" and m.num_layers % dims.pp:
+        raise ConfigError(
+            "model.num_layers",
+            f"({m.num_layers}) must be divisible by parallel.pp ({dims.pp}) for "
+            "parallel.pipeline_partition=uniform; change pp or use pipeline_partition=parameters",
+        )
+    if m.num_layers < dims.pp:
+        raise ConfigError(
+            "parallel.pp",
+            f"({dims.pp}) exceeds model.num_layers ({m.num_layers}); every stage needs a block",
+        )
+    if dims.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(
+            "parallel.zero_stage",
+            f"({p.zero_stage}) is not possible with parallel.pp ({dims.pp}) > 1: DeepSpeed's "
+            "pipeline engine shards optimizer state only (ZeRO-2/3 are incompatible); use "
+            "zero_stage=1",
+        )
+
+
+def _check_moe(config: Config, dims: ParallelDims) -> None:
+    m, p = config.model, config.parallel
+    if m.num_experts < 0:
+        raise ConfigError("model.num_experts", f"must be >= 0 (0 = dense), got {m.num_experts}")
+    if m.num_experts == 0:
+        if dims.ep > 1:
+            raise ConfigError(
+                "parallel.ep",
+                f"({dims.ep}) splits experts, but the model is dense; set model.num_experts "
+                "or ep=1",
+            )
+        return
+    if m.moe_top_k not in (1, 2):
+        raise ConfigError(
+            "model.moe_top_k", f"must be 1 or 2 (DeepSpeed's MoE gates), got {m.moe_top_k}"
+        )
+    if m.moe_top_k > m.num_experts:
+        raise ConfigError(
+            "model.moe_top_k",
+            f"({m.moe_top_k}) exceeds model.num_experts ({m.num_experts})",
+        )
+    _positive(m.moe_capacity_factor, "model.moe_capacity_factor")
+    _positive(m.moe_eval_capacity_factor, "model.moe_eval_capacity_factor")
+    _positive(m.moe_layer_freq, "model.moe_layer_freq")
+    for name in ("moe_min_capacity", "moe_aux_loss_coeff", "moe_z_loss_coeff"):
+        if getattr(m, name) < 0:
+            raise ConfigError(f"model.{name}", f"must be >= 0, got {getattr(m, name)}")
+    if m.num_experts % dims.ep:
+        raise ConfigError(
+            "model.num_experts",
+            f"({m.num_experts}) must be divisible by parallel.ep ({dims.ep})",
+        )
+    if p.zero_stage == 3:
+        raise ConfigError(
+            "parallel.zero_stage",
+            "(3) is refused by DeepSpeed's native MoE layer (it cannot partition expert "
+            "parameters over the expert-data-parallel group); use zero_stage 1 or 2",
+        )
+    if dims.pp > 1:
+        raise ConfigError(
+            "parallel.pp",
+            f"({dims.pp}) cannot run MoE: DeepSpeed's pipeline engine back-propagates only each "
+            "stage's output, so the load-balancing loss of earlier stages would be lost; use pp=1",
+        )
+    tokens = config.train.micro_batch * config.train.seq_len
+    if m.moe_top_k == 1 and m.moe_min_capacity > tokens:
+        raise ConfigError(
+            "model.moe_min_capacity",
+            f"({m.moe_min_capacity}) exceeds the tokens of a micro-batch ({tokens}, "
+            "micro_batch * seq_len), which DeepSpeed's top-1 gate refuses; lower it",
+        )
+    if dims.tp == 1:
+        return
+    if not m.moe_drop_tokens:
+        raise ConfigError(
+            "model.moe_drop_tokens",
+            f"false needs parallel.tp=1: with tp ({dims.tp}) DeepSpeed splits each expert's "
+            "token slots over the TP ranks but does not round a no-drop capacity up to a "
+            "multiple of tp; set it true with moe_capacity_factor >= num_experts / moe_top_k "
+            f"({m.num_experts / m.moe_top_k:g}) to drop nothing",
+        )
+    for name in ("moe_capacity_factor", "moe_eval_capacity_factor"):
+        slots = expert_capacity(
+            tokens, m.num_experts, getattr(m, name), m.moe_top_k, m.moe_min_capacity
+        )
+        if slots % dims.tp:
+            raise ConfigError(
+                f"model.{name}",
+                f"gives an expert capacity of {slots} tokens per micro-batch, which DeepSpeed "
+                f"must split evenly over parallel.tp ({dims.tp}); change it, moe_min_capacity "
+                "or micro_batch * seq_len",
+            )
+
+
+def expert_capacity(tokens: int, experts: int, factor: float, top_k: int, minimum: int) -> int:
+    """Token slots per expert per micro-batch in drop mode, computed as DeepSpeed's gate does
+    (`ceil(tokens / experts * factor * top_k)` in float32, at least `minimum`)."""
+    slots = np.ceil(np.float32(tokens / experts) * np.float32(factor * top_k))
+    return max(int(slots), minimum)
 
 
 def _check_precision(config: Config) -> None:

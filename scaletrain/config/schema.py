@@ -44,7 +44,31 @@ class ModelConfig:
     """Standard deviation of the normal initialisation; output projections are scaled by
     1/sqrt(2 * num_layers) as in GPT-2 / Megatron."""
     num_experts: int = 0
-    """Experts per MoE layer; 0 is a dense model (MoE arrives in a later release)."""
+    """Experts per MoE layer (Mixtral-style SwiGLU experts on DeepSpeed's MoE layer); 0 is a
+    dense model."""
+    moe_top_k: int = 2
+    """Experts each token is routed to: 1 (Switch) or 2 (Mixtral); gates of the chosen
+    experts are renormalised to sum to 1 for top-2."""
+    moe_capacity_factor: float = 1.25
+    """Training: each expert takes at most capacity_factor * top_k * tokens / num_experts
+    tokens of a micro-batch (at least moe_min_capacity); the rest are dropped (they pass
+    through the residual only). Ignored when moe_drop_tokens is false."""
+    moe_eval_capacity_factor: float = 2.0
+    """The same for evaluation, where dropping tokens distorts the measured loss."""
+    moe_min_capacity: int = 4
+    """Lower bound of an expert's capacity, whatever the capacity factor gives."""
+    moe_drop_tokens: bool = True
+    """Drop tokens beyond an expert's capacity; false sizes the capacity to the busiest
+    expert so that nothing is dropped (needs parallel.tp=1, see docs/parallelism.md)."""
+    moe_aux_loss_coeff: float = 0.01
+    """Weight of the load-balancing loss (mean over MoE layers) added to the LM loss in
+    backward; the reported loss stays the LM loss."""
+    moe_z_loss_coeff: float = 0.0
+    """Weight of the router z-loss, mean(logsumexp(router logits)^2), which keeps the router
+    logits small (ST-MoE); 0 disables it."""
+    moe_layer_freq: int = 1
+    """Every n-th decoder block is MoE (blocks 0, n, 2n, ...), the others dense, like
+    Megatron's moe_layer_freq; 1 makes every block MoE."""
     activation_checkpointing: Literal["none", "full", "every_n"] = "none"
     """Recompute decoder blocks in the backward pass instead of keeping their activations:
     none, full (every block) or every_n (every activation_checkpointing_every-th block)."""
@@ -78,11 +102,18 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree (megatron-core column/row parallel layers)."""
     pp: int = 1
-    """Pipeline-parallel degree (not supported yet: must be 1)."""
+    """Pipeline-parallel degree: the layers are split into pp stages run by DeepSpeed's
+    pipeline engine (1F1B over the step's micro-batches); needs zero_stage 0 or 1."""
+    pipeline_partition: Literal["uniform", "parameters"] = "uniform"
+    """How layers are assigned to pipeline stages: uniform gives every stage the same number
+    of decoder blocks (num_layers divisible by pp; the embedding joins the first stage, the
+    head the last), parameters balances the weights per stage, embedding and head included."""
     dp: int | None = None
     """Data-parallel degree; null derives it as world_size / (tp * pp)."""
     ep: int = 1
-    """Expert-parallel degree for MoE layers (not supported yet: must be 1)."""
+    """Expert-parallel degree: the experts of each MoE layer are split over groups of ep
+    data-parallel ranks (ep divides dp and num_experts); tokens reach their expert by
+    all-to-all. Dense weights stay replicated over dp as before."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3; shards optimizer state (1), gradients (2), parameters (3)
     over the data-parallel ranks."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from scaletrain.config.checks import Resolved
 from scaletrain.config.schema import Config
+from scaletrain.models.moe import check_expert_layout
 from scaletrain.plan.flops import parameter_count
 from scaletrain.topology.init import Topology
 from scaletrain.train.schedule import build_scheduler
@@ -82,14 +83,24 @@ def model_init_context(config: Config, resolved: Resolved, topology: Topology):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Matrices decay; norm gains (1-D) do not."""
+    """Matrices decay; norm gains (1-D) do not. MoE expert weights go into groups of their
+    own (DeepSpeed's MoE groups), which ZeRO shards and reduces over the expert-data-parallel
+    ranks instead of all data-parallel ranks."""
+    from deepspeed.moe.utils import (
+        is_moe_param,
+        split_params_into_different_moe_groups_for_optimizer,
+    )
+
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = [p for p in params if _ndim(p) >= 2]
     vectors = [p for p in params if _ndim(p) < 2]
-    return [
-        {"params": matrices, "weight_decay": weight_decay},
-        {"params": vectors, "weight_decay": 0.0},
+    groups = [
+        {"name": "decay", "params": matrices, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": vectors, "weight_decay": 0.0},
     ]
+    if any(is_moe_param(p) for p in params):
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
 
 
 def _ndim(param: torch.Tensor) -> int:
@@ -103,9 +114,14 @@ def initialize_engine(
     resolved: Resolved,
     topology: Topology,
     load_universal: bool = False,
-) -> Any:
-    """deepspeed.initialize with our optimizer and schedule; returns the engine."""
+) -> tuple[Any, OwnClipping | None]:
+    """deepspeed.initialize with our optimizer and schedule.
+
+    Returns the engine (a PipelineEngine for a PipelineModule) and, for ZeRO-0 fp32, the
+    `OwnClipping` that computes the gradient norm DeepSpeed leaves out there.
+    """
     import deepspeed
+    from deepspeed.pipe import PipelineModule
 
     o = config.optim
     optimizer = torch.optim.AdamW(
@@ -115,47 +131,22 @@ def initialize_engine(
         eps=o.eps,
         fused=topology.device.type == "cuda",
     )
+    own = OwnClipping(optimizer, o.grad_clip) if clips_itself(config) else None
     scheduler: Callable = lambda opt: build_scheduler(opt, o, config.train.steps)  # noqa: E731
+    pipelined = isinstance(model, PipelineModule)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=ds_config(config, resolved, load_universal),
-        mpu=topology.mpu,
+        # A PipelineModule brings its own grid over the same rank layout as ours.
+        mpu=None if pipelined else topology.mpu,
         dist_init_required=False,
     )
-    return engine
-
-
-def step(engine: Any, clip_ourselves: bool, max_norm: float) -> float | None:
-    """engine.step(), plus what DeepSpeed leaves out for ZeRO-0 fp32 (`clips_itself`): the
-    gradient norm, clipping, and skipping a step whose gradients are not finite.
-
-    Elsewhere DeepSpeed's own overflow check skips non-finite steps (and does not advance the
-    schedule); returns the norm when we computed it, else None.
-    """
-    if not (clip_ourselves and engine.is_gradient_accumulation_boundary()):
-        engine.step()
-        return None
-    norm = norm_and_clip(engine, max_norm)
-    if math.isfinite(norm):
-        engine.step()
-    else:
-        _skip_update(engine)
-    return norm
-
-
-def _skip_update(engine: Any) -> None:
-    """Let DeepSpeed count the step while weights, Adam moments and the schedule stay put."""
-    for param in engine.module.parameters():
-        param.grad = None  # torch's AdamW leaves parameters without a gradient untouched
-    scheduler = engine.lr_scheduler
-    schedule = scheduler.state_dict()
-    engine.step()
-    scheduler.load_state_dict(schedule)
-    for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-        group["lr"] = lr
-    engine.skipped_steps += 1
+    if own is not None:
+        own.engine = engine
+    check_expert_layout(engine.module)
+    return engine, own
 
 
 def clips_itself(config: Config) -> bool:
@@ -164,25 +155,77 @@ def clips_itself(config: Config) -> bool:
     return config.parallel.zero_stage == 0 and config.precision.dtype == "fp32"
 
 
+class OwnClipping:
+    """Gradient norm, clipping and the skip of non-finite steps for ZeRO-0 fp32.
+
+    It runs as a pre-step hook of the torch optimizer, i.e. inside DeepSpeed's step, after the
+    gradients are all-reduced, whether the step comes from `engine.step()` or from the
+    pipeline schedule of `engine.train_batch()`. Elsewhere DeepSpeed does all of this itself.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+        self.max_norm = max_norm
+        self.engine: Any = None
+        self.norm: float | None = None
+        self._schedule: dict[str, Any] | None = None  # set when the step is skipped
+        optimizer.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.norm = norm_and_clip(self.engine, self.max_norm)
+        if not math.isfinite(self.norm):
+            for param in self.engine.module.parameters():
+                param.grad = None  # torch's AdamW leaves parameters without a gradient alone
+            self._schedule = self.engine.lr_scheduler.state_dict()
+
+    def finish_step(self) -> float | None:
+        """After the optimizer step: undo the schedule's advance of a skipped step (weights and
+        Adam moments stayed put) and count it. Returns the step's gradient norm."""
+        if self._schedule is not None:
+            scheduler = self.engine.lr_scheduler
+            scheduler.load_state_dict(self._schedule)
+            for group, lr in zip(
+                self.engine.optimizer.param_groups, scheduler.get_last_lr(), strict=True
+            ):
+                group["lr"] = lr
+            self.engine.skipped_steps += 1
+            self._schedule = None
+        norm, self.norm = self.norm, None
+        return norm
+
+
 def norm_and_clip(engine: Any, max_norm: float) -> float:
     """Global gradient norm, then clip to `max_norm` (0: no clipping); ZeRO-0 fp32 only.
 
-    Call after the last backward of a step. TP-replicated parameters (norm gains) are counted
-    once, as megatron-core does; the clip coefficient is torch's / DeepSpeed's.
+    Parameters that another rank of the model also holds are counted once, as megatron-core
+    and DeepSpeed do: TP-replicated ones (norm gains) and a tied embedding's copy on the last
+    pipeline stage. MoE experts differ between the ranks of an expert-parallel group, so their
+    squares are summed over it too. The clip coefficient is torch's / DeepSpeed's.
     """
     import torch.distributed as dist
+    from deepspeed.moe.utils import is_moe_param
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    params = [p for p in engine.module.parameters() if p.grad is not None]
     unique = [
-        p.grad
-        for p in engine.module.parameters()
-        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)
+        p
+        for p in params
+        if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "ds_pipe_replicated", False)
     ]
-    squares = torch.stack([g.float().pow(2).sum() for g in unique]).sum()
+    squares = _squares([p.grad for p in unique if not is_moe_param(p)], engine.device)
+    experts = [p for p in unique if is_moe_param(p)]
+    if experts:  # every rank holds experts of the same (only) expert group
+        expert_squares = _squares([p.grad for p in experts], engine.device)
+        dist.all_reduce(expert_squares, group=engine.expert_parallel_group[experts[0].group_name])
+        squares = squares + expert_squares
     dist.all_reduce(squares, group=engine.mpu.get_model_parallel_group())
     norm = squares.sqrt()
     if max_norm > 0:
         coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, coefficient)
+        torch._foreach_mul_([p.grad for p in params], coefficient)
     return norm.item()
+
+
+def _squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.stack([g.float().pow(2).sum() for g in grads]).sum()

@@ -24,7 +24,7 @@ from scaletrain.logs import get_logger
 log = get_logger(__name__)
 
 KEY = "scaletrain/heartbeat/{rank}"
-PHASES = ("start", "forward", "backward", "step", "eval", "save")
+PHASES = ("start", "forward", "backward", "step", "eval", "save", "pipeline")
 EXIT_HUNG = 124  # like coreutils' `timeout`
 
 

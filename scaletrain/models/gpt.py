@@ -1,52 +1,119 @@
-"""The Llama-style decoder-only language model: embedding, blocks, norm, head, loss."""
+"""The Llama-style decoder-only language model: embedding, blocks, norm, head, loss.
+
+The model is a sequence of layers (embedding, decoder blocks, final norm, vocabulary head),
+each initialised from its own seed derived from the global one, so that a pipeline stage that
+builds only some of the layers gets exactly the weights the whole model has
+(`scaletrain.models.pipeline` partitions the same layers).
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from scaletrain.config.schema import ModelConfig
-from scaletrain.models.layers import DecoderBlock, Rotary
+from scaletrain.models.layers import DecoderBlock
+from scaletrain.models.moe import ExpertParallel, MoEMLP, RouterStats, moe_blocks
 from scaletrain.models.parallel import TensorParallel
+
+
+class LayerSeeds:
+    """Seeds the global RNG per layer index, derived from the seed the run set before."""
+
+    def __init__(self) -> None:
+        self.base = torch.initial_seed()
+
+    @contextlib.contextmanager
+    def __call__(self, index: int) -> Iterator[None]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.base * 1_000_003 + index) % 2**63)
+            yield
+
+
+class VocabHead(nn.Module):
+    """hidden -> this TP rank's slice of the vocabulary logits, [batch, seq, vocab / tp].
+
+    A tied head has no weight of its own; it is handed the embedding's at call time.
+    """
+
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp: TensorParallel) -> None:
+        super().__init__()
+        if cfg.tie_embeddings:
+            self.proj = tp.tied_column(cfg.hidden_size, padded_vocab_size)
+        else:
+            self.proj = tp.column(cfg.hidden_size, padded_vocab_size, std=cfg.init_std)
+
+    def forward(self, x: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
+        logits, _ = self.proj(x, weight=tied_weight)
+        return logits
 
 
 class GPT(nn.Module):
     """Takes [batch, seq + 1] token windows; returns the mean next-token loss."""
 
-    def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp: TensorParallel) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        padded_vocab_size: int,
+        tp: TensorParallel,
+        ep: ExpertParallel | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.tp = tp
-        self.embedding = tp.embedding(padded_vocab_size, cfg.hidden_size, std=cfg.init_std)
-        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.blocks = nn.ModuleList(DecoderBlock(cfg, tp) for _ in range(cfg.num_layers))
-        self.recomputed = recomputed_blocks(cfg)
+        seeds = LayerSeeds()
+        with seeds(embedding_index()):
+            self.embedding = tp.embedding(padded_vocab_size, cfg.hidden_size, std=cfg.init_std)
+        # MoE: the router's numbers of every MoE block; the trainer collects them per step.
+        self.moe_stats = RouterStats(cfg.num_experts) if cfg.num_experts else None
+        self.blocks = nn.ModuleList()
+        layout = zip(recomputed_blocks(cfg), moe_blocks(cfg), strict=True)
+        for i, (recompute, moe) in enumerate(layout):
+            with seeds(block_index(i)):
+                mlp = MoEMLP(cfg, tp, ep or ExpertParallel(), i, self.moe_stats) if moe else None
+                self.blocks.append(DecoderBlock(cfg, tp, recompute, mlp))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        if cfg.tie_embeddings:
-            self.head = tp.tied_column(cfg.hidden_size, padded_vocab_size)
-        else:
-            self.head = tp.column(cfg.hidden_size, padded_vocab_size, std=cfg.init_std)
+        with seeds(head_index(cfg)):
+            self.head = VocabHead(cfg, padded_vocab_size, tp)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """This TP rank's slice of the vocabulary logits, [batch, seq, vocab / tp]."""
         x = self.embedding(tokens)
-        training = self.training and torch.is_grad_enabled()  # eval keeps nothing anyway
-        for block, recomputed in zip(self.blocks, self.recomputed, strict=True):
-            if training and recomputed:
-                # Non-reentrant: the replay runs the same TP collectives on every rank and,
-                # with no dropout, gives bit-identical activations and gradients.
-                x = checkpoint(block, x, self.rotary, use_reentrant=False)
-            else:
-                x = block(x, self.rotary)
-        x = self.norm(x)
-        weight = self.embedding.weight if self.cfg.tie_embeddings else None
-        logits, _ = self.head(x, weight=weight)
-        return logits
+        for block in self.blocks:
+            x = block(x)
+        tied = self.embedding.weight if self.cfg.tie_embeddings else None
+        return self.head(self.norm(x), tied)
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         inputs, labels = window[:, :-1], window[:, 1:]
-        return self.tp.cross_entropy(self.logits(inputs), labels).mean()
+        loss = self.tp.cross_entropy(self.logits(inputs), labels).mean()
+        if self.moe_stats is None or not self.training:
+            return loss
+        return loss + self._router_losses()
+
+    def _router_losses(self) -> torch.Tensor:
+        """MoE: coeff * (load-balancing loss) + coeff * (z-loss) as a term whose value is
+        exactly 0 but whose gradient is theirs: backward trains the router with them while
+        the loss the trainer reports (and compares across layouts) stays the LM loss."""
+        aux, z = self.moe_stats.losses()
+        self.moe_stats.fold()
+        total = self.cfg.moe_aux_loss_coeff * aux + self.cfg.moe_z_loss_coeff * z
+        return total - total.detach()
+
+
+def embedding_index() -> int:
+    return 0
+
+
+def block_index(block: int) -> int:
+    return 1 + block
+
+
+def head_index(cfg: ModelConfig) -> int:
+    return 1 + cfg.num_layers
 
 
 def recomputed_blocks(cfg: ModelConfig) -> list[bool]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.models.parallel import TensorParallel, scaled_std
@@ -20,6 +23,12 @@ class Rotary(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)
         # Plain attributes, not buffers: a bf16/fp16 cast of the module must not round them.
         self.cos, self.sin = angles.cos().float(), angles.sin().float()
+
+    @staticmethod
+    @functools.cache
+    def shared(head_dim: int, max_seq_len: int, theta: float) -> Rotary:
+        """One table per shape for all blocks: every block (and pipeline stage) uses the same."""
+        return Rotary(head_dim, max_seq_len, theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, seq, heads, head_dim]."""
@@ -84,15 +93,35 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)).
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+    One tensor in, one out, so that it is also a pipeline stage's layer as it is. With
+    `recompute` its activations are dropped after forward and recomputed in backward. `mlp`
+    replaces the dense SwiGLU (an MoE block passes its `scaletrain.models.moe.MoEMLP`).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp: TensorParallel,
+        recompute: bool = False,
+        mlp: nn.Module | None = None,
+    ) -> None:
         super().__init__()
+        self.rotary = Rotary.shared(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.recompute = recompute
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.attn = Attention(cfg, tp)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg, tp)
+        self.mlp = mlp if mlp is not None else SwiGLU(cfg, tp)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            # Non-reentrant: the replay runs the same TP collectives on every rank and, with
+            # no dropout, gives bit-identical activations and gradients.
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), self.rotary)
         return x + self.mlp(self.mlp_norm(x))

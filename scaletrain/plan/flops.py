@@ -2,7 +2,8 @@
 
 Counts the matrix multiplies of forward and backward (3x forward, as in the PaLM and Megatron
 papers), including attention scores and the vocabulary head; norms and activations are ignored.
-Causal masking is not discounted, matching the usual MFU convention.
+Causal masking is not discounted, matching the usual MFU convention. An MoE token runs
+through top_k experts only, so MFU counts active parameters, not all experts.
 """
 
 from __future__ import annotations
@@ -10,24 +11,38 @@ from __future__ import annotations
 from scaletrain.config.schema import ModelConfig
 
 
-def matmul_params(cfg: ModelConfig, padded_vocab_size: int) -> int:
-    """Weights that take part in a matmul per token (the input embedding is a lookup)."""
+def moe_layer_count(cfg: ModelConfig) -> int:
+    """Decoder blocks whose MLP is a mixture of experts (blocks 0, n, 2n, ...)."""
+    return len(range(0, cfg.num_layers, cfg.moe_layer_freq)) if cfg.num_experts else 0
+
+
+def _block_matmul_params(cfg: ModelConfig, active: bool) -> int:
+    """Matmul weights of all decoder blocks; `active`: only the experts a token is routed to."""
     qkv = cfg.hidden_size * (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
     out = cfg.num_heads * cfg.head_dim * cfg.hidden_size
     mlp = 3 * cfg.hidden_size * cfg.ffn_size
-    return cfg.num_layers * (qkv + out + mlp) + cfg.hidden_size * padded_vocab_size
+    moe = moe_layer_count(cfg)
+    experts = cfg.moe_top_k if active else cfg.num_experts
+    router = cfg.hidden_size * cfg.num_experts
+    return (
+        cfg.num_layers * (qkv + out) + (cfg.num_layers - moe) * mlp + moe * (experts * mlp + router)
+    )
 
 
-def parameter_count(cfg: ModelConfig, padded_vocab_size: int) -> int:
-    """All weights of the model (embedding, blocks, norms, and the head unless tied)."""
+def matmul_params(cfg: ModelConfig, padded_vocab_size: int) -> int:
+    """Weights that take part in a matmul per token (the input embedding is a lookup); for MoE
+    only the top-k experts a token is routed to (and the router)."""
+    return _block_matmul_params(cfg, active=True) + cfg.hidden_size * padded_vocab_size
+
+
+def parameter_count(cfg: ModelConfig, padded_vocab_size: int, active: bool = False) -> int:
+    """All weights of the model (embedding, blocks, norms, and the head unless tied); with
+    `active`, an MoE model's experts count only top_k per MoE layer (Mixtral's "active
+    parameters")."""
     embedding = padded_vocab_size * cfg.hidden_size
     norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
     head = 0 if cfg.tie_embeddings else embedding
-    return (
-        matmul_params(cfg, padded_vocab_size)
-        - cfg.hidden_size * padded_vocab_size
-        + (embedding + head + norms)
-    )
+    return _block_matmul_params(cfg, active) + embedding + head + norms
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, padded_vocab_size: int) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import numpy as np
@@ -18,7 +18,14 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.topology.dims import ParallelDims
-from scaletrain.topology.megatron import DeepSpeedMpu, ProcessGroups, build_groups, destroy_groups
+from scaletrain.topology.megatron import (
+    DeepSpeedMpu,
+    ProcessGroups,
+    build_groups,
+    destroy_groups,
+    existing_groups,
+    release_groups,
+)
 
 
 def select_device() -> tuple[torch.device, str]:
@@ -51,6 +58,8 @@ class Topology:
     backend: str
     groups: ProcessGroups
     mpu: DeepSpeedMpu
+    world_groups: frozenset[dist.ProcessGroup] = field(default_factory=frozenset)
+    """The groups that existed before this topology's: `release` keeps them."""
 
     @property
     def world_size(self) -> int:
@@ -72,6 +81,12 @@ class Topology:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def release(self) -> None:
+        """Free this layout's groups but keep the world, so that the same processes can
+        build another layout next (`scaletrain scaletest`). Collective."""
+        dist.barrier()
+        release_groups(self.world_groups)
 
     def destroy(self) -> None:
         destroy_groups()
@@ -99,6 +114,7 @@ def init_topology(dims: ParallelDims, timeout_minutes: float = 10) -> Topology:
 
     deepspeed.init_distributed(dist_backend=backend)  # DeepSpeed's comm wraps our group
     rank = dist.get_rank()
+    world_groups = existing_groups()
     groups = build_groups(dims, timeout_minutes)
     return Topology(
         dims=dims,
@@ -109,6 +125,7 @@ def init_topology(dims: ParallelDims, timeout_minutes: float = 10) -> Topology:
         backend=backend,
         groups=groups,
         mpu=DeepSpeedMpu(groups),
+        world_groups=world_groups,
     )
 
 

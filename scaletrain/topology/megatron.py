@@ -47,6 +47,25 @@ def destroy_groups() -> None:
     parallel_state.destroy_model_parallel()
 
 
+def existing_groups() -> frozenset[dist.ProcessGroup]:
+    """Every process group this process holds now (torch keeps no public list of them)."""
+    return frozenset(dist.distributed_c10d._world.pg_map)
+
+
+def release_groups(keep: frozenset[dist.ProcessGroup]) -> None:
+    """Destroy every group made since `keep` was taken -- megatron-core's, and DeepSpeed's
+    cached ones (expert, world clone, its mpu) -- but not the world: another layout can then
+    be built in the same processes. Every rank must call it (after a barrier)."""
+    import deepspeed.comm as ds_comm
+    from deepspeed.utils import groups as ds_groups
+
+    parallel_state.destroy_model_parallel()
+    names = dist.distributed_c10d._world.pg_names
+    for group in sorted(existing_groups() - keep, key=names.get):  # same order on every rank
+        ds_comm.destroy_process_group(group)  # also drops DeepSpeed's references to it
+    ds_groups.mpu = None
+
+
 class DeepSpeedMpu:
     """The `mpu` object DeepSpeed asks for groups, ranks and sizes."""
 

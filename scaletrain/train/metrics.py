@@ -29,8 +29,25 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated CUDA memory, or the process's peak resident set on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status")
+    if status.exists():  # Linux: VmHWM, the high-water mark `reset_peak_memory` resets
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start `peak_memory_bytes` over from what is in use now (e.g. before the next layout of
+    `scaletrain scaletest`). On the CPU, Linux resets the resident-set high-water mark VmHWM
+    through /proc/self/clear_refs; elsewhere the CPU peak stays monotonic."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    clear_refs = Path("/proc/self/clear_refs")
+    if clear_refs.exists():
+        clear_refs.write_text("5")
 
 
 def device_peak_flops(device: torch.device, configured_tflops: float | None) -> float:

@@ -22,19 +22,16 @@ from scaletrain.config.checks import Resolved, check_config, parse_duration
 from scaletrain.config.load import dump_yaml
 from scaletrain.config.schema import Config
 from scaletrain.data import GlobalBatchSampler, build_dataset
-from scaletrain.engine.deepspeed import (
-    clips_itself,
-    initialize_engine,
-    model_init_context,
-)
-from scaletrain.engine.deepspeed import step as engine_step
+from scaletrain.engine.deepspeed import initialize_engine, model_init_context
 from scaletrain.errors import ScaletrainError
 from scaletrain.fault.guards import LossGuard
 from scaletrain.fault.heartbeat import Heartbeat
 from scaletrain.fault.signals import StopRequested, StopWatch, die_with_launcher
 from scaletrain.logs import get_logger
 from scaletrain.models.gpt import GPT
+from scaletrain.models.moe import ExpertParallel
 from scaletrain.models.parallel import TensorParallel
+from scaletrain.models.pipeline import pipeline_model
 from scaletrain.plan.flops import flops_per_token
 from scaletrain.topology.init import Topology, env_world_size, init_topology, seed_everything
 from scaletrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes
@@ -69,11 +66,12 @@ class Trainer:
         self.resume_from = self.checkpoints.select()
         universal = self.checkpoints.prepare_reshard(self.resume_from)
         seed_everything(config.train.seed)
-        tp = TensorParallel(resolved.dims.tp, topology.groups.tp)
+        self.pipelined = resolved.dims.pp > 1
         with model_init_context(config, resolved, topology):
-            model = GPT(config.model, resolved.padded_vocab_size, tp)
-        self.engine = initialize_engine(model, config, resolved, topology, universal)
-        self.own_clipping = clips_itself(config)
+            model = self._build_model()
+        self.engine, self.own_clipping = initialize_engine(
+            model, config, resolved, topology, universal
+        )
         self._build_data()
         self.tokens_per_step = resolved.global_batch * config.train.seq_len
         self.flops_per_token = flops_per_token(
@@ -95,6 +93,16 @@ class Trainer:
         self.metrics = MetricsWriter(
             config, self.run_dir, config.train.steps, topology.is_main, resumed_step=self.step
         )
+
+    def _build_model(self) -> torch.nn.Module:
+        """The whole GPT, or this rank's pipeline stage of it (same weights either way)."""
+        tp = TensorParallel(self.resolved.dims.tp, self.topology.groups.tp)
+        vocab = self.resolved.padded_vocab_size
+        if self.pipelined:
+            partition = self.config.parallel.pipeline_partition
+            return pipeline_model(self.config.model, vocab, tp, self.resolved.dims, partition)
+        ep = ExpertParallel.of(self.resolved.dims.ep, self.topology.dp_rank)
+        return GPT(self.config.model, vocab, tp, ep)
 
     def _resume(self) -> None:
         folder = self.resume_from
@@ -175,19 +183,25 @@ class Trainer:
         beat = functools.partial(self.heartbeat.mark, self.step + 1)
         beat(0, "start")
         windows = self._windows(self.train_set, self.sampler.next_batch())
-        losses, grad_norm = [], None
-        for i, micro in enumerate(windows.split(self.resolved.micro_batch)):
-            beat(i, "forward")
-            loss = self.engine(micro)
-            beat(i, "backward")
-            self.engine.backward(loss)
-            beat(i, "step")
-            norm = engine_step(self.engine, self.own_clipping, self.config.optim.grad_clip)
-            grad_norm = norm if norm is not None else grad_norm
-            losses.append(loss.detach().float())
-        if grad_norm is None:
+        if self.pipelined:
+            beat(0, "pipeline")  # DeepSpeed's 1F1B schedule: forward, backward and step
+            loss = self.engine.train_batch(iter(_pairs(windows, self.resolved.micro_batch)))
+        else:
+            losses = []
+            for i, micro in enumerate(windows.split(self.resolved.micro_batch)):
+                beat(i, "forward")
+                micro_loss = self.engine(micro)
+                beat(i, "backward")
+                self.engine.backward(micro_loss)
+                beat(i, "step")
+                self.engine.step()
+                losses.append(micro_loss.detach().float())
+            loss = self.topology.mean_over_dp(torch.stack(losses).mean())
+        loss = loss.item()  # the mean over the global batch, on every rank
+        if self.own_clipping is not None:
+            grad_norm = self.own_clipping.finish_step()
+        else:
             grad_norm = _as_float(self.engine.get_global_grad_norm())
-        loss = self.topology.mean_over_dp(torch.stack(losses).mean()).item()
         elapsed = time.perf_counter() - start
         self.step += 1
         tokens_per_sec = self.tokens_per_step / elapsed
@@ -207,6 +221,10 @@ class Trainer:
         }
         if self.config.precision.dtype == "fp16":
             metrics["loss_scale"] = self._loss_scale()
+        # MoE: the router's numbers of this step (aux loss, tokens per expert, dropped share).
+        router = getattr(self.engine.module, "moe_stats", None)
+        if router is not None:
+            metrics.update(router.collect(self.topology.groups.dp))
         return metrics
 
     def _loss_scale(self) -> float | None:
@@ -231,7 +249,11 @@ class Trainer:
         losses = []
         for _ in range(c.train.eval_batches):
             windows = self._windows(self.val_set, sampler.next_batch())
-            losses += [self.engine(micro).float() for micro in windows.split(c.train.micro_batch)]
+            if self.pipelined:  # the mean over the batch's micro-batches, from the last stage
+                pairs = _pairs(windows, c.train.micro_batch)
+                losses.append(self.engine.eval_batch(iter(pairs), num_micro_batches=len(pairs)))
+            else:
+                losses += [self.engine(m).float() for m in windows.split(c.train.micro_batch)]
         self.engine.train()
         return self.topology.mean_over_dp(torch.stack(losses).mean()).item()
 
@@ -299,6 +321,14 @@ class Trainer:
         )
         self.metrics.close()
         return summary
+
+
+def _pairs(windows: torch.Tensor, micro_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, labels) per micro-batch, as a pipeline's first and last stage read them."""
+    return [
+        (micro[:, :-1].contiguous(), micro[:, 1:].contiguous())
+        for micro in windows.split(micro_batch)
+    ]
 
 
 def _as_float(value) -> float:

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from scaletrain.cli import main
-from scaletrain.config import checks
 
 SECTIONS = "model, parallel, precision, optim, train, data, checkpoint, fault, logging"
 TRAIN_FIELDS = (
@@ -283,22 +282,126 @@ CASES = [
     ),
     case("world_zero", world=0, expected="config error: world_size: must be >= 1, got 0"),
     case(
-        "pp_not_supported",
+        "layers_not_divisible_by_pp",
         "parallel.pp=2",
-        expected="config error: parallel.pp: pipeline parallelism is not supported yet (got 2); "
-        "use pp=1",
+        "model.num_layers=3",
+        expected="config error: model.num_layers: (3) must be divisible by parallel.pp (2) for "
+        "parallel.pipeline_partition=uniform; change pp or use pipeline_partition=parameters",
     ),
     case(
-        "ep_not_supported",
+        "pp_more_than_layers",
+        "parallel.pp=4",
+        "model.num_layers=2",
+        "parallel.pipeline_partition=parameters",
+        expected="config error: parallel.pp: (4) exceeds model.num_layers (2); every stage "
+        "needs a block",
+    ),
+    case(
+        "pp_with_zero2",
+        "parallel.pp=2",
+        "parallel.zero_stage=2",
+        expected="config error: parallel.zero_stage: (2) is not possible with parallel.pp (2) > "
+        "1: DeepSpeed's pipeline engine shards optimizer state only (ZeRO-2/3 are "
+        "incompatible); use zero_stage=1",
+    ),
+    case(
+        "pp_partition_unknown",
+        "parallel.pipeline_partition=layers",
+        expected="config error: parallel.pipeline_partition: 'layers' is not one of uniform | "
+        "parameters",
+    ),
+    # --- mixture of experts ------------------------------------------------------------
+    case(
+        "ep_without_experts",
         "parallel.ep=2",
-        expected="config error: parallel.ep: expert parallelism is not supported yet (got 2); "
-        "use ep=1",
+        expected="config error: parallel.ep: (2) splits experts, but the model is dense; set "
+        "model.num_experts or ep=1",
     ),
     case(
-        "moe_not_supported",
-        "model.num_experts=8",
-        expected="config error: model.num_experts: mixture of experts is not supported yet "
-        "(got 8); use 0",
+        "ep_not_dividing_dp",
+        "parallel.ep=3",
+        "model.num_experts=6",
+        expected="config error: parallel.ep: expert_parallel (3) must divide data_parallel (4)",
+    ),
+    case(
+        "experts_not_divisible_by_ep",
+        "parallel.ep=4",
+        "model.num_experts=6",
+        expected="config error: model.num_experts: (6) must be divisible by parallel.ep (4)",
+    ),
+    case(
+        "moe_top_k_3",
+        "model.num_experts=4",
+        "model.moe_top_k=3",
+        expected="config error: model.moe_top_k: must be 1 or 2 (DeepSpeed's MoE gates), got 3",
+    ),
+    case(
+        "moe_top_k_over_experts",
+        "model.num_experts=1",
+        expected="config error: model.moe_top_k: (2) exceeds model.num_experts (1)",
+    ),
+    case(
+        "moe_capacity_factor_zero",
+        "model.num_experts=4",
+        "model.moe_capacity_factor=0",
+        expected="config error: model.moe_capacity_factor: must be > 0, got 0.0",
+    ),
+    case(
+        "moe_layer_freq_zero",
+        "model.num_experts=4",
+        "model.moe_layer_freq=0",
+        expected="config error: model.moe_layer_freq: must be > 0, got 0",
+    ),
+    case(
+        "moe_aux_loss_negative",
+        "model.num_experts=4",
+        "model.moe_aux_loss_coeff=-0.1",
+        expected="config error: model.moe_aux_loss_coeff: must be >= 0, got -0.1",
+    ),
+    case(
+        "moe_with_zero3",
+        "model.num_experts=4",
+        "parallel.zero_stage=3",
+        expected="config error: parallel.zero_stage: (3) is refused by DeepSpeed's native MoE "
+        "layer (it cannot partition expert parameters over the expert-data-parallel group); use "
+        "zero_stage 1 or 2",
+    ),
+    case(
+        "moe_with_pp",
+        "model.num_experts=4",
+        "parallel.pp=2",
+        "parallel.zero_stage=1",
+        expected="config error: parallel.pp: (2) cannot run MoE: DeepSpeed's pipeline engine "
+        "back-propagates only each stage's output, so the load-balancing loss of earlier stages "
+        "would be lost; use pp=1",
+    ),
+    case(
+        "moe_min_capacity_over_tokens_top1",
+        "model.num_experts=4",
+        "model.moe_top_k=1",
+        "model.moe_min_capacity=200",
+        expected="config error: model.moe_min_capacity: (200) exceeds the tokens of a "
+        "micro-batch (128, micro_batch * seq_len), which DeepSpeed's top-1 gate refuses; lower it",
+    ),
+    case(
+        "moe_no_drop_with_tp",
+        "model.num_experts=4",
+        "model.moe_drop_tokens=false",
+        "parallel.tp=2",
+        expected="config error: model.moe_drop_tokens: false needs parallel.tp=1: with tp (2) "
+        "DeepSpeed splits each expert's token slots over the TP ranks but does not round a "
+        "no-drop capacity up to a multiple of tp; set it true with moe_capacity_factor >= "
+        "num_experts / moe_top_k (2) to drop nothing",
+    ),
+    case(
+        "moe_capacity_not_split_by_tp",
+        "model.num_experts=4",
+        "model.moe_top_k=1",
+        "model.moe_capacity_factor=1.03",
+        "parallel.tp=2",
+        expected="config error: model.moe_capacity_factor: gives an expert capacity of 33 tokens "
+        "per micro-batch, which DeepSpeed must split evenly over parallel.tp (2); change it, "
+        "moe_min_capacity or micro_batch * seq_len",
     ),
     case(
         "num_experts_negative",
@@ -535,22 +638,6 @@ CASES = [
     ),
 ]
 
-# Rules that `_check_unsupported` hides today (pp > 1, ep > 1); checked with that gate removed
-# so that they are right on the day pipeline and expert parallelism arrive.
-GATED_CASES = [
-    case(
-        "layers_not_divisible_by_pp",
-        "parallel.pp=2",
-        "model.num_layers=3",
-        expected="config error: model.num_layers: (3) must be divisible by parallel.pp (2)",
-    ),
-    case(
-        "ep_not_dividing_dp",
-        "parallel.ep=3",
-        expected="config error: parallel.ep: expert_parallel (3) must divide data_parallel (4)",
-    ),
-]
-
 
 def _fill(text: str, tmp: Path) -> str:
     return text.format(tmp=tmp, tmp_parent=tmp.parent)
@@ -573,19 +660,11 @@ def _check_in_process(bad: Bad, tmp: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_enough_cases() -> None:
-    assert len(CASES) + len(GATED_CASES) >= 30
+    assert len(CASES) >= 30
 
 
 @pytest.mark.parametrize("bad", CASES)
 def test_bad_config(bad: Bad, run_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _check_in_process(bad, run_file.parent, capsys)
-
-
-@pytest.mark.parametrize("bad", GATED_CASES)
-def test_bad_config_behind_unsupported_gate(
-    bad: Bad, run_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(checks, "_check_unsupported", lambda config: None)
     _check_in_process(bad, run_file.parent, capsys)
 
 
@@ -596,7 +675,9 @@ SUBPROCESS_CASES = [
         expected="config error: model.num_layer: unknown field; known fields are vocab_size, "
         "make_vocab_size_divisible_by, hidden_size, num_layers, num_heads, num_kv_heads, "
         "ffn_hidden_size, max_seq_len, rope_theta, norm_eps, tie_embeddings, init_std, "
-        "num_experts, activation_checkpointing, activation_checkpointing_every",
+        "num_experts, moe_top_k, moe_capacity_factor, moe_eval_capacity_factor, "
+        "moe_min_capacity, moe_drop_tokens, moe_aux_loss_coeff, moe_z_loss_coeff, "
+        "moe_layer_freq, activation_checkpointing, activation_checkpointing_every",
     ),
     case(
         "fp16_and_bf16",

@@ -35,6 +35,7 @@ LAYOUTS = {
     "tp1dp2-zero1": (2, ("parallel.zero_stage=1",)),
     "tp2dp2-zero3": (4, ("parallel.tp=2", "parallel.zero_stage=3")),
     "bf16-tp1dp2-zero1": (2, ("parallel.zero_stage=1", "precision.dtype=bf16")),
+    "pp2-tied": (2, ("parallel.pp=2", "model.tie_embeddings=true")),
 }
 _uninterrupted: dict[str, list[dict]] = {}
 
@@ -64,6 +65,7 @@ def wait_gone(pids: list[int], timeout: float = 60) -> None:
         ("tp1dp2-zero1", "launcher", 12),
         ("tp2dp2-zero3", "rank", 13),
         ("bf16-tp1dp2-zero1", "rank", 14),
+        ("pp2-tied", "rank", 15),
     ],
 )
 def test_kill_9_then_resume_is_bit_exact(

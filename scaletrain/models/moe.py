@@ -1,0 +1,267 @@
+"""Mixtral-style mixture-of-experts MLP on DeepSpeed's MoE layer, and the router's numbers.
+
+Routing, capacity, token dropping, the all-to-all between expert-parallel ranks and the
+load-balancing loss are DeepSpeed's (`deepspeed.moe.layer.MoE`); the experts are our SwiGLU,
+tensor-parallel like the dense MLP (DeepSpeed's "expert tensor parallelism"), so an expert's
+gradient norm is counted exactly like a dense weight's.
+
+Expert parallelism: DeepSpeed splits the data-parallel ranks of each TP rank into groups of
+`ep` consecutive DP ranks; DP rank d holds experts [(d % ep) * E/ep, (d % ep + 1) * E/ep).
+Every expert is initialised from its own seed (run seed, block, global expert index), so any
+EP degree holds exactly the experts EP=1 holds at those indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from scaletrain.config.schema import ModelConfig
+from scaletrain.models.layers import SwiGLU
+from scaletrain.models.parallel import TensorParallel
+
+
+def moe_blocks(cfg: ModelConfig) -> list[bool]:
+    """Which decoder blocks are MoE: 0, n, 2n, ... (n = moe_layer_freq); none if dense."""
+    return [cfg.num_experts > 0 and i % cfg.moe_layer_freq == 0 for i in range(cfg.num_layers)]
+
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    """This rank's place among the expert-parallel ranks."""
+
+    size: int = 1
+    rank: int = 0
+
+    @classmethod
+    def of(cls, ep: int, dp_rank: int) -> ExpertParallel:
+        """DeepSpeed's layout: EP groups are runs of `ep` consecutive data-parallel ranks."""
+        return cls(ep, dp_rank % ep)
+
+
+class Expert(SwiGLU):
+    """One expert: the SwiGLU MLP over a flat list of tokens.
+
+    DeepSpeed hands experts [ep, 1, capacity, hidden] slots; megatron-core's linear layers
+    want [tokens, batch, hidden].
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+        super().__init__(cfg, tp)
+        self.register_state_dict_post_hook(_empty_extra_state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, 1, x.shape[-1])).reshape(x.shape)
+
+
+def _empty_extra_state(module: nn.Module, state: dict, prefix: str, metadata: dict) -> None:
+    """megatron-core's layers save an `_extra_state` of None, which DeepSpeed's expert
+    checkpoint cannot copy (it clones every entry); an empty tensor means the same to them."""
+    for key in [k for k, v in state.items() if k.endswith("_extra_state") and v is None]:
+        state[key] = torch.zeros(0)
+
+
+@dataclass
+class _Step:
+    """Router numbers summed over the MoE layers and micro-batches of one step (this rank)."""
+
+    aux_loss: float = 0.0
+    z_loss: float = 0.0
+    micro_batches: int = 0
+    expert_tokens: torch.Tensor | None = None
+    dropped: int = 0
+    routed: int = 0
+
+
+@dataclass
+class RouterStats:
+    """What the MoE layers of one model report: this forward's losses (for backward) and the
+    step's totals (for metrics.jsonl).
+
+    Layers write into per-layer slots that each forward overwrites, so that recomputing a
+    checkpointed block in backward does not count it twice; `GPT.forward` folds the slots into
+    the step once per micro-batch, the trainer collects (and resets) them once per step.
+    """
+
+    num_experts: int
+    aux: dict[int, torch.Tensor] = field(default_factory=dict)
+    z: dict[int, torch.Tensor] = field(default_factory=dict)
+    counts: dict[int, torch.Tensor] = field(default_factory=dict)
+    dropped: dict[int, torch.Tensor] = field(default_factory=dict)
+    routed: dict[int, int] = field(default_factory=dict)
+    step: _Step = field(default_factory=_Step)
+
+    def losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(load-balancing loss, z-loss) of this forward: means over the MoE layers."""
+        aux = torch.stack(list(self.aux.values())).mean()
+        z = torch.stack(list(self.z.values())).mean() if self.z else aux.new_zeros(())
+        return aux, z
+
+    def fold(self) -> None:
+        """Add this forward's numbers to the step's."""
+        aux, z = self.losses()
+        s = self.step
+        s.aux_loss += aux.item()
+        s.z_loss += z.item()
+        s.micro_batches += 1
+        counts = torch.stack(list(self.counts.values())).sum(0).to(torch.int64).cpu()
+        s.expert_tokens = counts if s.expert_tokens is None else s.expert_tokens + counts
+        s.dropped += int(sum(d.item() for d in self.dropped.values()))
+        s.routed += sum(self.routed.values())
+
+    def collect(self, dp_group: dist.ProcessGroup | None) -> dict[str, object]:
+        """Collective over the data-parallel ranks: the step's metrics; then start a new step.
+
+        Losses are means over micro-batches and DP ranks (like the loss); token counts are
+        sums over MoE layers, micro-batches and DP ranks, i.e. over the global batch.
+        """
+        s, self.step = self.step, _Step()
+        n = max(s.micro_batches, 1)
+        tokens = s.expert_tokens if s.expert_tokens is not None else torch.zeros(self.num_experts)
+        packed = torch.cat(
+            [
+                torch.tensor([s.aux_loss / n, s.z_loss / n, s.dropped, s.routed, 1.0]),
+                tokens.double(),
+            ]
+        ).double()
+        if dist.is_initialized():
+            # On the model's device (NCCL reduces only device tensors); this step's slots are.
+            device = next(iter(self.aux.values())).device if self.aux else torch.device("cpu")
+            packed = packed.to(device)
+            dist.all_reduce(packed, group=dp_group)
+        ranks = packed[4].item()
+        metrics: dict[str, object] = {
+            "moe_aux_loss": packed[0].item() / ranks,
+            "moe_expert_tokens": [int(t) for t in packed[5:].tolist()],
+            "moe_dropped_fraction": packed[2].item() / max(packed[3].item(), 1.0),
+        }
+        if self.z:
+            metrics["moe_z_loss"] = packed[1].item() / ranks
+        return metrics
+
+
+class MoEMLP(nn.Module):
+    """The MLP of an MoE block: router + experts, DeepSpeed's MoE layer with our SwiGLU."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp: TensorParallel,
+        ep: ExpertParallel,
+        index: int,
+        stats: RouterStats,
+    ) -> None:
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        _gather_tokens_on_gloo()
+        self.index, self.stats = index, stats
+        self.z_loss = cfg.moe_z_loss_coeff > 0
+        self.ep = ep
+        self.moe = MoE(
+            cfg.hidden_size,
+            nn.Identity(),  # a placeholder to copy; the real experts are installed below
+            num_experts=cfg.num_experts,
+            ep_size=ep.size,
+            k=cfg.moe_top_k,
+            capacity_factor=cfg.moe_capacity_factor,
+            eval_capacity_factor=cfg.moe_eval_capacity_factor,
+            min_capacity=cfg.moe_min_capacity,
+            drop_tokens=cfg.moe_drop_tokens,
+            # Deterministic routing: no noisy gate, no random token selection, no sampled
+            # second expert, so every layout routes every token the same way.
+            noisy_gate_policy=None,
+            use_rts=False,
+            top2_2nd_expert_sampling=False,
+            enable_expert_tensor_parallelism=True,
+        )
+        layer = self.moe.deepspeed_moe
+        nn.init.normal_(layer.gate.wg.weight, std=cfg.init_std)
+        layer.experts.deepspeed_experts = nn.ModuleList(
+            self._expert(cfg, tp, index, ep.rank * self.moe.num_local_experts + i)
+            for i in range(self.moe.num_local_experts)
+        )
+        for param in layer.experts.deepspeed_experts.parameters():
+            # What DeepSpeed's Experts marks: kept out of the dense all-reduce, reduced over
+            # the expert-data-parallel group instead.
+            param.allreduce = False
+            param.group_name = self.moe.expert_group_name
+        layer.gate.register_forward_hook(self._count_dropped)
+
+    @staticmethod
+    def _expert(cfg: ModelConfig, tp: TensorParallel, block: int, expert: int) -> Expert:
+        """Expert `expert` (global index) of block `block`, from its own seed."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((torch.initial_seed() * 1_000_003 + block * 4099 + expert) % 2**63)
+            return Expert(cfg, tp)
+
+    def _count_dropped(self, gate: nn.Module, args: tuple, output: tuple) -> None:
+        # The gate's routes (MOELayer asks for sparse routes) flag a dropped one with -1.
+        if self.training:
+            routes = output[3]
+            self.stats.dropped[self.index] = (routes < 0).sum()
+            self.stats.routed[self.index] = routes.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, aux, counts = self.moe(x)
+        if self.training:
+            self.stats.aux[self.index] = aux
+            self.stats.counts[self.index] = counts
+            if self.z_loss:
+                wg = self.moe.deepspeed_moe.gate.wg.weight
+                logits = F.linear(x.reshape(-1, x.shape[-1]).float(), wg.float())
+                self.stats.z[self.index] = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        return out
+
+
+def check_expert_layout(model: nn.Module) -> None:
+    """After deepspeed.initialize: DeepSpeed's EP groups put each rank where its experts'
+    initialisation assumed (`ExpertParallel.of`)."""
+    for module in model.modules():
+        if isinstance(module, MoEMLP) and module.ep.size > 1:
+            group = module.moe.deepspeed_moe.ep_group
+            actual = dist.get_rank(group=group)
+            if actual != module.ep.rank or dist.get_world_size(group=group) != module.ep.size:
+                raise RuntimeError(
+                    f"expert-parallel rank {actual} of DeepSpeed's group differs from the "
+                    f"assumed {module.ep.rank}: its EP rank layout changed"
+                )
+
+
+def _gather_tokens_on_gloo() -> None:
+    """With TP > 1 DeepSpeed's MoE all-gathers expert slots over the TP ranks into a flat
+    buffer, which gloo's all_gather_into_tensor refuses ("invalid tensor size"; NCCL takes
+    it). On gloo, gather into a buffer of shape [tp * rows, ...] instead: the same bytes in the
+    same order, so DeepSpeed's code after the gather is unchanged."""
+    import deepspeed.comm
+    from deepspeed.moe import mappings
+    from deepspeed.utils.bwc import (
+        bwc_tensor_model_parallel_group,
+        bwc_tensor_model_parallel_world_size,
+    )
+
+    if not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    if getattr(mappings._gather_tokens, "gloo_safe", False):
+        return
+
+    def gather_tokens(input_: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        mpu = deepspeed.utils.groups.mpu
+        input_ = input_.contiguous()
+        world_size = bwc_tensor_model_parallel_world_size(mpu)
+        if world_size == 1:
+            return input_
+        shape = (world_size * input_.shape[0], *input_.shape[1:])
+        gathered = torch.empty(shape, dtype=input_.dtype, device=input_.device)
+        group = bwc_tensor_model_parallel_group(mpu)
+        deepspeed.comm.all_gather_into_tensor(gathered, input_, group=group)
+        if dim == 0:
+            return gathered
+        return torch.cat(gathered.chunk(world_size, dim=0), dim=dim).contiguous()
+
+    gather_tokens.gloo_safe = True  # type: ignore[attr-defined]
+    mappings._gather_tokens = gather_tokens

@@ -1,0 +1,139 @@
+"""Pipeline parallelism: the GPT's layers as a DeepSpeed `PipelineModule`.
+
+The layer list is the model of `scaletrain.models.gpt` written out flat: embedding, decoder
+blocks, final norm, vocabulary head. Each layer is built under the same per-layer seed as in
+`GPT`, so a stage that builds only its own layers holds exactly the weights of the whole model.
+A tied head is a `TiedLayerSpec` of the embedding on the last stage; DeepSpeed keeps the two
+copies equal by broadcasting at start and all-reducing their gradients.
+
+DeepSpeed runs the 1F1B schedule over the step's micro-batches (`engine.train_batch`): the
+first stage reads the tokens, the last the labels, and the loss is computed there.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core.tensor_parallel import VocabParallelEmbedding
+from torch import nn
+
+from scaletrain.config.schema import ModelConfig
+from scaletrain.models.gpt import (
+    LayerSeeds,
+    VocabHead,
+    block_index,
+    embedding_index,
+    head_index,
+    recomputed_blocks,
+)
+from scaletrain.models.layers import DecoderBlock
+from scaletrain.models.parallel import TensorParallel
+from scaletrain.plan.flops import parameter_count
+from scaletrain.topology.dims import ParallelDims
+
+TIED_KEY = "embedding"
+
+# `pipeline_partition` -> DeepSpeed's partition method. "uniform" balances decoder blocks
+# (the embedding joins the first stage, the head the last); "parameters" balances weights.
+PARTITION_METHODS = {"uniform": f"type:{DecoderBlock.__name__}", "parameters": "parameters"}
+
+
+class SeededSpec(LayerSpec):
+    """A layer that a stage builds with `factory` under the layer's own seed."""
+
+    def __init__(self, seeds: LayerSeeds, index: int, typename: type, factory: Callable) -> None:
+        super().__init__(typename)
+        self.seeds, self.index, self.factory = seeds, index, factory
+
+    def build(self, log: bool = False) -> nn.Module:
+        with self.seeds(self.index):
+            return self.factory()
+
+
+class SeededTiedSpec(TiedLayerSpec):
+    """A tied layer (one module on every stage that uses it) built under its own seed."""
+
+    def __init__(
+        self,
+        seeds: LayerSeeds,
+        index: int,
+        typename: type,
+        factory: Callable,
+        forward_fn: Callable | None = None,
+    ) -> None:
+        super().__init__(TIED_KEY, typename, forward_fn=forward_fn, tied_weight_attr=["weight"])
+        self.seeds, self.index, self.factory = seeds, index, factory
+
+    def build(self, log: bool = False) -> nn.Module:
+        with self.seeds(self.index):
+            return self.factory()
+
+
+class GPTPipeline(PipelineModule):
+    """A PipelineModule that balances "parameters" from counted weights instead of building
+    every layer on every rank (DeepSpeed's way, which costs the whole model's memory)."""
+
+    def __init__(self, layers: list, layer_weights: list[int], **kwargs) -> None:
+        object.__setattr__(self, "_layer_weights", layer_weights)  # read during super().__init__
+        super().__init__(layers, **kwargs)
+
+    def _count_layer_params(self) -> list[int]:
+        return list(self._layer_weights)
+
+
+def pipeline_model(
+    cfg: ModelConfig,
+    padded_vocab_size: int,
+    tp: TensorParallel,
+    dims: ParallelDims,
+    partition: str,
+) -> GPTPipeline:
+    """This rank's stage of the GPT; the ranks are laid out as in `ParallelDims` (pp, dp, tp)."""
+    seeds = LayerSeeds()
+    embed = functools.partial(tp.embedding, padded_vocab_size, cfg.hidden_size, cfg.init_std)
+    layers: list = []
+    if cfg.tie_embeddings:
+        layers.append(SeededTiedSpec(seeds, embedding_index(), VocabParallelEmbedding, embed))
+    else:
+        layers.append(SeededSpec(seeds, embedding_index(), VocabParallelEmbedding, embed))
+    for i, recompute in enumerate(recomputed_blocks(cfg)):
+        block = functools.partial(DecoderBlock, cfg, tp, recompute)
+        layers.append(SeededSpec(seeds, block_index(i), DecoderBlock, block))
+    layers.append(LayerSpec(nn.RMSNorm, cfg.hidden_size, eps=cfg.norm_eps))
+    head = VocabHead(cfg, padded_vocab_size, tp) if cfg.tie_embeddings else None
+    if head is not None:  # weightless: it projects with the tied embedding's weight
+        project = functools.partial(_tied_logits, head)
+        layers.append(
+            SeededTiedSpec(seeds, embedding_index(), VocabParallelEmbedding, embed, project)
+        )
+    else:
+        make_head = functools.partial(VocabHead, cfg, padded_vocab_size, tp)
+        layers.append(SeededSpec(seeds, head_index(cfg), VocabHead, make_head))
+    return GPTPipeline(
+        layers,
+        layer_weights(cfg, padded_vocab_size),
+        topology=PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp),
+        loss_fn=functools.partial(_loss, tp),
+        partition_method=PARTITION_METHODS[partition],
+    )
+
+
+def layer_weights(cfg: ModelConfig, padded_vocab_size: int) -> list[int]:
+    """Weights per pipeline layer: embedding, blocks, norm, head (a tied head counts its
+    matmul: it costs the last stage as much as an own head would)."""
+    embedding = padded_vocab_size * cfg.hidden_size
+    head = 0 if cfg.tie_embeddings else embedding
+    blocks = parameter_count(cfg, padded_vocab_size) - embedding - head - cfg.hidden_size
+    return [embedding, *[blocks // cfg.num_layers] * cfg.num_layers, cfg.hidden_size, embedding]
+
+
+def _tied_logits(head: VocabHead, embedding: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return head(x, embedding.weight)
+
+
+def _loss(tp: TensorParallel, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return tp.cross_entropy(logits, labels).mean()

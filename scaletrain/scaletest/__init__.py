@@ -1,0 +1,1 @@
+"""`scaletrain scaletest`: every layout of N simulated ranks against one rank."""
