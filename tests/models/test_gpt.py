@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
-import pytest
 import torch
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.models.gpt import GPT
 from scaletrain.models.parallel import TensorParallel
 from scaletrain.plan.flops import flops_per_token, matmul_params, parameter_count
-from scaletrain.topology.dims import ParallelDims
-from scaletrain.topology.init import init_topology, seed_everything
+from scaletrain.topology.init import seed_everything
 
 CFG = ModelConfig(
     vocab_size=100,
@@ -26,19 +21,6 @@ CFG = ModelConfig(
     make_vocab_size_divisible_by=64,
 )
 PADDED = 128
-
-
-@pytest.fixture(scope="module")
-def tensor_parallel() -> Iterator[TensorParallel]:
-    """A world of one (gloo) with megatron-core's groups, torn down after the module."""
-    saved = dict(os.environ)
-    topology = init_topology(ParallelDims(tp=1, pp=1, dp=1))
-    try:
-        yield TensorParallel(1, topology.groups.tp)
-    finally:
-        topology.destroy()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def build(cfg: ModelConfig, tp: TensorParallel, seed: int = 0) -> GPT:

@@ -3,8 +3,6 @@ dropping, the router losses and statistics, and the parameter counts of the pres
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,8 +15,7 @@ from scaletrain.models.gpt import GPT
 from scaletrain.models.moe import ExpertParallel, MoEMLP, RouterStats, moe_blocks
 from scaletrain.models.parallel import TensorParallel
 from scaletrain.plan.flops import flops_per_token, matmul_params, moe_layer_count, parameter_count
-from scaletrain.topology.dims import ParallelDims
-from scaletrain.topology.init import init_topology, seed_everything
+from scaletrain.topology.init import seed_everything
 
 MODELS = Path(__file__).resolve().parents[2] / "configs" / "models"
 CFG = ModelConfig(
@@ -43,16 +40,8 @@ def with_(cfg: ModelConfig = CFG, **changes) -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def tp() -> Iterator[TensorParallel]:
-    """A world of one (gloo) with megatron-core's groups, torn down after the module."""
-    saved = dict(os.environ)
-    topology = init_topology(ParallelDims(tp=1, pp=1, dp=1))
-    try:
-        yield TensorParallel(1, topology.groups.tp)
-    finally:
-        topology.destroy()
-        os.environ.clear()
-        os.environ.update(saved)
+def tp(tensor_parallel: TensorParallel) -> TensorParallel:
+    return tensor_parallel
 
 
 def moe_mlp(cfg: ModelConfig, tp: TensorParallel, ep: ExpertParallel | None = None) -> MoEMLP:

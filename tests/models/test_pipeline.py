@@ -6,9 +6,6 @@ whole model parameter by parameter; the multi-stage runs are in tests/train/test
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -18,7 +15,7 @@ from scaletrain.models.parallel import TensorParallel
 from scaletrain.models.pipeline import layer_weights, pipeline_model
 from scaletrain.plan.flops import parameter_count
 from scaletrain.topology.dims import ParallelDims
-from scaletrain.topology.init import init_topology, seed_everything
+from scaletrain.topology.init import seed_everything
 
 CFG = ModelConfig(
     vocab_size=100,
@@ -32,18 +29,6 @@ CFG = ModelConfig(
 )
 PADDED = 128
 ONE = ParallelDims(tp=1, pp=1, dp=1)
-
-
-@pytest.fixture(scope="module")
-def tensor_parallel() -> Iterator[TensorParallel]:
-    saved = dict(os.environ)
-    topology = init_topology(ONE)
-    try:
-        yield TensorParallel(1, topology.groups.tp)
-    finally:
-        topology.destroy()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 @pytest.mark.parametrize("tied", [False, True])
