@@ -76,6 +76,12 @@ class StopWatch:
 PR_SET_PDEATHSIG = 1
 
 
+def on_parent_death(signum: int) -> None:
+    """Have the kernel send `signum` to this process when its parent dies (Linux only)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+
 def die_with_launcher() -> None:
     """Under torchrun, have the kernel kill this rank if the launcher dies (Linux only).
 
@@ -84,7 +90,6 @@ def die_with_launcher() -> None:
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    on_parent_death(signal.SIGKILL)
     if os.getppid() == 1:  # the launcher died before we asked
         os._exit(1)

@@ -9,20 +9,20 @@ resumably (torchrun itself says 1 then), the workers' code otherwise.
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
 
+from scaletrain.fault.signals import on_parent_death
 from scaletrain.launch.outcome import clear_marker, launcher_exit_code
 from scaletrain.logs import get_logger
 
 log = get_logger(__name__)
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-PR_SET_PDEATHSIG = 1
 
 
 def local_command(nproc: int, config: str, overrides: list[str]) -> list[str]:
@@ -42,19 +42,14 @@ def local_command(nproc: int, config: str, overrides: list[str]) -> list[str]:
     ]
 
 
-def _term_with_parent() -> None:
-    """In the child: SIGTERM (a stop request, not a kill) if this launcher dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
 def run_local(nproc: int, config: str, overrides: list[str], run_dir: str | Path) -> int:
     """Run torchrun to the end; returns the run's exit status (0, 75 or the failure)."""
     clear_marker(run_dir)
     proc = subprocess.Popen(
         local_command(nproc, config, overrides),
         start_new_session=True,
-        preexec_fn=_term_with_parent,
+        # In torchrun: SIGTERM (a stop request, not a kill) if this launcher dies.
+        preexec_fn=functools.partial(on_parent_death, signal.SIGTERM),
     )
     requests = 0
 

@@ -9,7 +9,6 @@ builds only some of the layers gets exactly the weights the whole model has
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -17,7 +16,7 @@ from torch import nn
 from scaletrain.config.schema import ModelConfig
 from scaletrain.models.layers import DecoderBlock
 from scaletrain.models.moe import ExpertParallel, MoEMLP, RouterStats, moe_blocks
-from scaletrain.models.parallel import TensorParallel
+from scaletrain.models.parallel import TensorParallel, seeded_rng
 
 
 class LayerSeeds:
@@ -26,11 +25,8 @@ class LayerSeeds:
     def __init__(self) -> None:
         self.base = torch.initial_seed()
 
-    @contextlib.contextmanager
-    def __call__(self, index: int) -> Iterator[None]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.base * 1_000_003 + index) % 2**63)
-            yield
+    def __call__(self, index: int) -> contextlib.AbstractContextManager[None]:
+        return seeded_rng(self.base * 1_000_003 + index)
 
 
 class VocabHead(nn.Module):

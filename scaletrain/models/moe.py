@@ -22,7 +22,7 @@ from torch import nn
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.models.layers import SwiGLU
-from scaletrain.models.parallel import TensorParallel
+from scaletrain.models.parallel import TensorParallel, seeded_rng
 
 
 def moe_blocks(cfg: ModelConfig) -> list[bool]:
@@ -67,13 +67,18 @@ def _empty_extra_state(module: nn.Module, state: dict, prefix: str, metadata: di
 
 @dataclass
 class _Step:
-    """Router numbers summed over the MoE layers and micro-batches of one step (this rank)."""
+    """Router numbers summed over the MoE layers and micro-batches of one step (this rank).
 
-    aux_loss: float = 0.0
-    z_loss: float = 0.0
+    Kept as tensors where the layers put them: reading them (a device sync) waits for
+    `collect`, once per step, instead of every micro-batch. Losses are summed in float64, as
+    Python floats would be.
+    """
+
+    aux_loss: torch.Tensor | float = 0.0
+    z_loss: torch.Tensor | float = 0.0
     micro_batches: int = 0
     expert_tokens: torch.Tensor | None = None
-    dropped: int = 0
+    dropped: torch.Tensor | int = 0
     routed: int = 0
 
 
@@ -105,12 +110,12 @@ class RouterStats:
         """Add this forward's numbers to the step's."""
         aux, z = self.losses()
         s = self.step
-        s.aux_loss += aux.item()
-        s.z_loss += z.item()
+        s.aux_loss = s.aux_loss + aux.detach().double()
+        s.z_loss = s.z_loss + z.detach().double()
         s.micro_batches += 1
-        counts = torch.stack(list(self.counts.values())).sum(0).to(torch.int64).cpu()
+        counts = torch.stack(list(self.counts.values())).sum(0).to(torch.int64)
         s.expert_tokens = counts if s.expert_tokens is None else s.expert_tokens + counts
-        s.dropped += int(sum(d.item() for d in self.dropped.values()))
+        s.dropped = s.dropped + torch.stack(list(self.dropped.values())).sum()
         s.routed += sum(self.routed.values())
 
     def collect(self, dp_group: dist.ProcessGroup | None) -> dict[str, object]:
@@ -122,12 +127,8 @@ class RouterStats:
         s, self.step = self.step, _Step()
         n = max(s.micro_batches, 1)
         tokens = s.expert_tokens if s.expert_tokens is not None else torch.zeros(self.num_experts)
-        packed = torch.cat(
-            [
-                torch.tensor([s.aux_loss / n, s.z_loss / n, s.dropped, s.routed, 1.0]),
-                tokens.double(),
-            ]
-        ).double()
+        totals = [float(s.aux_loss) / n, float(s.z_loss) / n, int(s.dropped), s.routed, 1.0]
+        packed = torch.cat([torch.tensor(totals), tokens.cpu().double()]).double()
         if dist.is_initialized():
             # On the model's device (NCCL reduces only device tensors); this step's slots are.
             device = next(iter(self.aux.values())).device if self.aux else torch.device("cpu")
@@ -195,8 +196,7 @@ class MoEMLP(nn.Module):
     @staticmethod
     def _expert(cfg: ModelConfig, tp: TensorParallel, block: int, expert: int) -> Expert:
         """Expert `expert` (global index) of block `block`, from its own seed."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((torch.initial_seed() * 1_000_003 + block * 4099 + expert) % 2**63)
+        with seeded_rng(torch.initial_seed() * 1_000_003 + block * 4099 + expert):
             return Expert(cfg, tp)
 
     def _count_dropped(self, gate: nn.Module, args: tuple, output: tuple) -> None:

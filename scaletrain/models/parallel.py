@@ -8,8 +8,9 @@ so a TP=N model holds exactly the slices of the TP=1 model.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
@@ -27,6 +28,15 @@ def normal_init(std: float) -> Callable[[torch.Tensor], None]:
         torch.nn.init.normal_(tensor, mean=0.0, std=std)
 
     return init
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Build under the global RNG seeded with `seed`, then restore the RNG as it was: a
+    layer's (or expert's) weights then depend on its seed only, not on what was built before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed % 2**63)
+        yield
 
 
 class TensorParallel:

@@ -42,19 +42,27 @@ TIED_KEY = "embedding"
 PARTITION_METHODS = {"uniform": f"type:{DecoderBlock.__name__}", "parameters": "parameters"}
 
 
-class SeededSpec(LayerSpec):
-    """A layer that a stage builds with `factory` under the layer's own seed."""
+class _SeededBuild:
+    """What both specs build: `factory()` under the seed of layer `index`."""
 
-    def __init__(self, seeds: LayerSeeds, index: int, typename: type, factory: Callable) -> None:
-        super().__init__(typename)
-        self.seeds, self.index, self.factory = seeds, index, factory
+    seeds: LayerSeeds
+    index: int
+    factory: Callable[[], nn.Module]
 
     def build(self, log: bool = False) -> nn.Module:
         with self.seeds(self.index):
             return self.factory()
 
 
-class SeededTiedSpec(TiedLayerSpec):
+class SeededSpec(_SeededBuild, LayerSpec):
+    """A layer that a stage builds with `factory` under the layer's own seed."""
+
+    def __init__(self, seeds: LayerSeeds, index: int, typename: type, factory: Callable) -> None:
+        super().__init__(typename)
+        self.seeds, self.index, self.factory = seeds, index, factory
+
+
+class SeededTiedSpec(_SeededBuild, TiedLayerSpec):
     """A tied layer (one module on every stage that uses it) built under its own seed."""
 
     def __init__(
@@ -67,10 +75,6 @@ class SeededTiedSpec(TiedLayerSpec):
     ) -> None:
         super().__init__(TIED_KEY, typename, forward_fn=forward_fn, tied_weight_attr=["weight"])
         self.seeds, self.index, self.factory = seeds, index, factory
-
-    def build(self, log: bool = False) -> nn.Module:
-        with self.seeds(self.index):
-            return self.factory()
 
 
 class GPTPipeline(PipelineModule):
