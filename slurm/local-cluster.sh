@@ -40,7 +40,9 @@ pid_alive() { [[ -f "$DIR/$1.pid" ]] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/nu
 
 write_config() {
   local cpus mem_mb
-  cpus="$(nproc)"
+  # nproc obeys OMP_NUM_THREADS: started from a shell that pins it to 1 (as the tests' ranks
+  # do), the node would declare 1 CPU and a job asking for 2 would never start.
+  cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
   mem_mb=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024))
   mkdir -p "$DIR"/{state,spool,log,munge,dev}
   chmod 700 "$DIR/munge"
