@@ -19,7 +19,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scaletrain.errors import ConfigError, ScaletrainError
+from scaletrain import plot as plot_command
+from scaletrain.data import command as prepare_command
+from scaletrain.errors import ScaletrainError
+from scaletrain.hf import command as export_command
+from scaletrain.plan import command as plan_command
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -43,23 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_cmds.add_parser("check", help="validate for a world size, start nothing")
     _add_config_args(check)
     check.add_argument("--world-size", type=int, required=True, help="number of ranks")
+    check.add_argument(
+        "--run-dir",
+        help="also check resuming this run folder (sets train.run_dir): refuses what its "
+        "newest checkpoint cannot continue",
+    )
     config_cmds.add_parser("reference", help="print the markdown reference of every field")
 
     data = commands.add_parser("data", help="prepare token shards")
     data_cmds = data.add_subparsers(dest="action", required=True)
-    prepare = data_cmds.add_parser("prepare", help="tokenize local text into packed shards")
-    prepare.add_argument("--input", nargs="*", default=[], help="files, folders or globs")
-    prepare.add_argument(
-        "--stdlib", action="store_true", help="add this Python's standard library sources"
-    )
-    prepare.add_argument("--output", required=True, help="folder for shards and metadata")
-    source = prepare.add_mutually_exclusive_group()
-    source.add_argument("--tokenizer", help="folder with a tokenizer.json to use as is")
-    source.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size")
-    prepare.add_argument("--val-fraction", type=float, default=0.05)
-    prepare.add_argument("--num-proc", type=int, default=2)
-    prepare.add_argument("--text-field", default="text", help="column of jsonl/parquet inputs")
-    prepare.add_argument("--seed", type=int, default=1234)
+    prepare_command.add_parser(data_cmds)
 
     launch = commands.add_parser("launch", help="start training on this machine or a cluster")
     launch_cmds = launch.add_subparsers(dest="action", required=True)
@@ -95,12 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
         "consolidate", help="write the full fp32 weights (TP merged) as one safetensors file"
     )
     merge.add_argument("path", help="a checkpoint folder")
-    merge.add_argument("out", help="the .safetensors file to write")
+    merge.add_argument(
+        "out", help="the .safetensors file to write (not inside a run's checkpoints folder)"
+    )
+    merge.add_argument("--force", action="store_true", help="replace OUT if it exists")
     merge.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="open a checkpoint outside a run's checkpoints/ folder (pickle: trusted files only)",
+        help="fully unpickle files that weights-only loading refuses (can run code: trusted "
+        "files only)",
     )
+    plan_command.add_parser(commands)
+    plot_command.add_parser(commands)
+    export_command.add_parser(commands)
     scaletest = commands.add_parser(
         "scaletest", help="train every layout of N ranks for K steps and compare with one rank"
     )
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from scaletrain.config import check_config, dump_yaml, load_config
+    from scaletrain.config import dump_yaml, load_config
 
     if args.command == "config" and args.action == "reference":
         from scaletrain.config.reference import config_reference
@@ -147,27 +151,37 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.action == "show":
             print(dump_yaml(config), end="")
             return 0
-        resolved = check_config(config, args.world_size)
+        from scaletrain.train.preflight import preflight, resume_summary
+
+        if args.run_dir:
+            config.train.run_dir = args.run_dir
+        checked = preflight(config, args.world_size, compare=bool(args.run_dir))
+        resolved = checked.resolved
         print(
             f"ok: {resolved.dims.describe()} on {args.world_size} rank(s), global batch "
             f"{resolved.global_batch} = micro {resolved.micro_batch} x accum "
             f"{resolved.grad_accum} x dp {resolved.dims.dp}, vocab {resolved.vocab_size} "
             f"(padded {resolved.padded_vocab_size})"
         )
+        if args.run_dir:
+            print("\n".join(resume_summary(config, checked)))
         return 0
     if args.command == "train":
-        from scaletrain.launch.outcome import resumable_marker
+        from scaletrain.launch.outcome import recorded_exit
         from scaletrain.logs import setup_logging
-        from scaletrain.train.trainer import train
+        from scaletrain.train.preflight import preflight, rank_world_size
 
         setup_logging()
 
-        config = load_config(args.config, args.overrides)
-        with resumable_marker(config.train.run_dir):  # for launchers: torchrun hides exit 75
-            train(config)
+        with recorded_exit():  # the code and line for the launcher: torchrun says 1
+            config = load_config(args.config, args.overrides)
+            checked = preflight(config, rank_world_size())  # refusals before DeepSpeed loads
+            from scaletrain.train.trainer import train
+
+            train(config, checked)
         return 0
     if args.command == "data":
-        return _prepare(args)
+        return prepare_command.run(args)
     if args.command == "ckpt":
         return _ckpt(args)
     if args.command == "scaletest":
@@ -185,41 +199,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             explain=args.explain,
             reference=args.reference,
         )
+    if args.command == "plan":
+        return plan_command.run(args)
+    if args.command == "plot":
+        return plot_command.run(args)
+    if args.command == "export":
+        return export_command.run(args)
     if args.command == "launch":
         from scaletrain.launch.commands import launch
 
         return launch(args)
     raise AssertionError(args)
-
-
-def _prepare(args: argparse.Namespace) -> int:
-    from scaletrain.data.prepare import prepare_dataset, stdlib_sources
-    from scaletrain.logs import setup_logging
-
-    setup_logging()
-    inputs = list(args.input) + (stdlib_sources() if args.stdlib else [])
-    if not inputs:
-        raise ConfigError("--input", "no inputs; give files/folders or --stdlib")
-    if args.tokenizer is None and args.vocab_size is None:
-        raise ConfigError(
-            "--vocab-size", "give --vocab-size N to train a tokenizer, or --tokenizer DIR"
-        )
-    info = prepare_dataset(
-        inputs,
-        args.output,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        num_proc=args.num_proc,
-        text_field=args.text_field,
-    )
-    train, val = info.splits["train"], info.splits["val"]
-    print(
-        f"prepared {args.output}: train {train.num_tokens:,} tokens, val {val.num_tokens:,} "
-        f"tokens, vocab {info.vocab_size} ({info.dtype})"
-    )
-    return 0
 
 
 def _ckpt(args: argparse.Namespace) -> int:
@@ -238,10 +228,13 @@ def _ckpt(args: argparse.Namespace) -> int:
             f"{manifest.total_bytes / 1e6:.1f} MB"
         )
         return 0
+    from scaletrain.checkpoint.consolidate import consolidate
     from scaletrain.logs import setup_logging
 
     setup_logging()
-    done = tools.consolidate(Path(args.path), Path(args.out), allow_pickle=args.allow_pickle)
+    done = consolidate(
+        Path(args.path), Path(args.out), allow_pickle=args.allow_pickle, force=args.force
+    )
     print(
         f"wrote {done.out}: {done.tensors} tensors, {done.parameters:,} parameters (fp32), "
         f"{done.bytes / 1e6:.1f} MB, step {done.step}"

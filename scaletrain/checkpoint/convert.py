@@ -6,9 +6,9 @@ merges them into one file per parameter and state (fp32 master, Adam moments, st
 built with `checkpoint.load_universal` then takes its own slice and partition from those, and the
 LR schedule and step counters from the saved model-states files.
 
-The converter needs to know how each parameter was split over TP. We tell it from the manifest's
-`parameters` (megatron-core's `partition_dim` / `partition_stride`), so checkpoints need nothing
-extra at save time:
+The converter needs to know how each parameter was split over TP. We tell it from the model's
+split plan (`scaletrain.models.split_plan`), checked against the manifest's `parameters`
+(megatron-core's `partition_dim` / `partition_stride` at save time):
 - TP-replicated (norm gains): one copy;
 - row-parallel (`tp_dim` 1): concatenated along dim 1;
 - column-parallel with stride 2 (the fused gate|up): two sub-parameters, each split over TP;
@@ -26,6 +26,9 @@ precision, and `checkpoint.load_weights_only` across layouts.
 The converted copy lives in `<checkpoints>/.universal/step_N/`, never in the checksummed
 checkpoint folder; it is written under a temporary name and renamed when complete, and a
 `source.json` naming the checkpoint (by its manifest's checksum) lets later runs reuse it.
+
+Nothing here unpickles more than weights (`safe_load`): the source is checked before it is
+converted, and the converter's own loads run weights-only, unless the user opted in.
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ import torch.distributed as dist
 import xxhash
 
 from scaletrain.checkpoint.manifest import MANIFEST, Manifest
+from scaletrain.checkpoint.safe_load import check_folder, load, weights_only_loading
 from scaletrain.errors import ScaletrainError
+from scaletrain.models.registry import saved_split_plan
+from scaletrain.models.split_plan import Split, SplitPlan, check_saved_split
 
 UNIVERSAL_DIR = ".universal"
 SOURCE = "source.json"
@@ -100,24 +106,26 @@ def check_reshardable(manifest: Manifest, current: dict[str, Any], precision: st
         )
 
 
-def universal_info(parameters: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """DeepSpeed's `universal_checkpoint_info` from the manifest's parameter layout."""
+def universal_info(
+    parameters: dict[str, dict[str, Any]], plan: SplitPlan | None = None
+) -> dict[str, Any]:
+    """DeepSpeed's `universal_checkpoint_info` from the model's split plan (default: the dense
+    family's), each entry checked against the split the manifest recorded at save time."""
     from deepspeed.checkpoint import constants as c
 
+    plan = plan or saved_split_plan({})
     replicated, rows, fused = [], [], []
     for name, layout in parameters.items():
         pattern = re.escape(name) + "$"
-        dim, stride = layout["tp_dim"], layout["tp_stride"]
-        if dim is None:
+        split = check_saved_split(plan, name, layout["tp_dim"], layout["tp_stride"])
+        if split is Split.REPLICATED:
             replicated.append(pattern)
-        elif dim == 1 and stride == 1:
+        elif split is Split.ROW:
             rows.append(pattern)
-        elif dim == 0 and stride == 2:
+        elif split is Split.GATE_UP:  # two sub-parameters, each split over TP
             fused.append(pattern)
-        elif not (dim == 0 and stride == 1):
-            raise ScaletrainError(
-                f"cannot reshard {name}: TP split along dim {dim} with stride {stride}"
-            )
+        # column, qkv and vocab: concatenated along dim 0 (the default); the padded
+        # vocabulary is not declared as such, or the converter would drop its padding rows.
     return {
         c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         c.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
@@ -131,15 +139,18 @@ def universal_folder(root: Path, folder: Path) -> Path:
     return root / UNIVERSAL_DIR / folder.name
 
 
-def ensure_universal(folder: Path, root: Path, is_main: bool) -> Path:
+def ensure_universal(folder: Path, root: Path, is_main: bool, allow_pickle: bool = False) -> Path:
     """Collective: the universal copy of `folder`; rank 0 converts it unless a complete one
-    exists, the other ranks wait. Every rank raises if the conversion failed."""
+    exists, the other ranks wait. Every rank raises if the conversion failed, and all raise
+    the same line, before any conversion, if `folder` holds more than weights."""
+    if not allow_pickle:
+        check_folder(folder, collective=True)
     out = universal_folder(root, folder)
     error = None
     if is_main:
         try:
             if not _is_conversion_of(out, folder):
-                convert(folder, out)
+                convert(folder, out, allow_pickle)
         except Exception as exc:  # every rank must hear of it, not wait forever
             error = f"{type(exc).__name__}: {exc}"
             raise
@@ -156,8 +167,14 @@ def ensure_universal(folder: Path, root: Path, is_main: bool) -> Path:
     return out
 
 
-def convert(folder: Path, out: Path) -> None:
-    """Write the universal copy of checkpoint `folder` to `out` (one process)."""
+def convert(folder: Path, out: Path, allow_pickle: bool = False) -> None:
+    """Write the universal copy of checkpoint `folder` to `out` (one process); every file is
+    read weights-only unless `allow_pickle`."""
+    with weights_only_loading(allow_pickle):
+        _convert(folder, out, allow_pickle)
+
+
+def _convert(folder: Path, out: Path, allow_pickle: bool) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
     manifest = Manifest.read(folder)
@@ -167,7 +184,8 @@ def convert(folder: Path, out: Path) -> None:
     partial = out.parent / f".{out.name}.partial"
     for stale in (source, partial, out):
         shutil.rmtree(stale, ignore_errors=True)
-    _filtered_source(folder, source, universal_info(manifest.data["parameters"]))
+    info = universal_info(manifest.data["parameters"], saved_split_plan(manifest.data))
+    _filtered_source(folder, source, info, allow_pickle)
     args = Namespace(
         input_folder=str(source),
         output_folder=str(partial),
@@ -180,7 +198,7 @@ def convert(folder: Path, out: Path) -> None:
     chatter = io.StringIO()  # its progress prints and bars; the manager logs one line instead
     with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
         ds_to_universal.main(args)
-    _serve_every_stage(partial)
+    _serve_every_stage(partial, allow_pickle)
     (out.parent / "latest_universal").unlink(missing_ok=True)  # we always name the tag
     source_note = {"source": str(folder.resolve()), "manifest_xxh3": _manifest_digest(folder)}
     (partial / SOURCE).write_text(json.dumps(source_note, indent=1))
@@ -188,7 +206,7 @@ def convert(folder: Path, out: Path) -> None:
     shutil.rmtree(source, ignore_errors=True)
 
 
-def _filtered_source(folder: Path, source: Path, info: dict[str, Any]) -> None:
+def _filtered_source(folder: Path, source: Path, info: dict[str, Any], allow_pickle: bool) -> None:
     """What the converter reads: the optimizer shards as links, the model-states files
     rewritten without `._extra_state` entries and with the universal info added."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
@@ -196,7 +214,7 @@ def _filtered_source(folder: Path, source: Path, info: dict[str, Any]) -> None:
     source.mkdir(parents=True)
     for path in sorted(folder.glob("*.pt")):
         if path.name.endswith("_model_states.pt"):
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = load(path, allow_pickle)
             module = state.get("module")
             if module is not None:
                 state["module"] = {k: v for k, v in module.items() if not k.endswith(EXTRA_STATE)}
@@ -206,7 +224,7 @@ def _filtered_source(folder: Path, source: Path, info: dict[str, Any]) -> None:
             os.symlink(path.resolve(), source / path.name)
 
 
-def _serve_every_stage(out: Path) -> None:
+def _serve_every_stage(out: Path, allow_pickle: bool) -> None:
     """DeepSpeed's ZeRO-1/2 and ZeRO-3 loaders look for different things in a universal copy
     (model-states file names, the Adam step per parameter or once, the version); give each what
     it reads, whichever stage wrote the checkpoint."""
@@ -218,26 +236,26 @@ def _serve_every_stage(out: Path) -> None:
         _alias(path, out / path.name.removeprefix("zero_pp_rank_0_"))
     zero = out / "zero"
     state_file = zero / "optimizer_state.pt"
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    state = load(state_file, allow_pickle)
     params = sorted(p for p in zero.iterdir() if (p / "fp32.pt").is_file())
     if c.OPTIMIZER_STATE_DICT in state:  # from ZeRO-3: one step, no per-parameter step files
         step = state[c.OPTIMIZER_STATE_DICT]["state"][0]["step"]
         for param in params:
             torch.save(step, param / "step.pt")
     else:  # from ZeRO-1/2: a step file per parameter
-        step = torch.load(params[0] / "step.pt", weights_only=False)
+        step = load(params[0] / "step.pt", allow_pickle)
         state[c.OPTIMIZER_STATE_DICT] = {
             "state": {0: {"step": step}},
             "param_groups": state[c.PARAM_GROUPS],
         }
     if c.DS_VERSION not in state:
         model_states = next(out.glob("mp_rank_*_model_states.pt"))
-        saved = torch.load(model_states, map_location="cpu", weights_only=False)
+        saved = load(model_states, allow_pickle)
         state[c.DS_VERSION] = saved[c.DS_VERSION]
     torch.save(state, state_file)
 
 
-def repair_optimizer(engine: Any, universal: Path) -> None:
+def repair_optimizer(engine: Any, universal: Path, allow_pickle: bool = False) -> None:
     """Undo two shortcuts of DeepSpeed's ZeRO-3 universal loader: it gives every optimizer
     group the first group's hyperparameters (our weight decay differs per group), and one Adam
     step tensor shared by all groups, which torch's AdamW then advances once per group."""
@@ -248,7 +266,7 @@ def repair_optimizer(engine: Any, universal: Path) -> None:
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
 
-    saved = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=False)
+    saved = load(universal / "zero" / "optimizer_state.pt", allow_pickle)
     groups = engine.optimizer.param_groups
     if len(groups) != len(saved[PARAM_GROUPS]):
         raise ScaletrainError(

@@ -14,15 +14,12 @@ another layout (TP, DP or ZeRO stage) is converted once to DeepSpeed's universal
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -43,81 +40,24 @@ from scaletrain.checkpoint.manifest import (
     describe_file,
     fsync_dir,
     list_checkpoints,
+    not_a_checkpoint,
+    read_latest,
     step_of,
     tag_for,
 )
+from scaletrain.checkpoint.safe_load import check_folder, weights_only_loading
+from scaletrain.checkpoint.safe_load import load as load_file
+from scaletrain.checkpoint.space import agree_on_failure, space_warning
+from scaletrain.checkpoint.state import TrainState, parameter_layout, rng_state, set_rng_state
 from scaletrain.config.load import to_dict
 from scaletrain.config.schema import Config
-from scaletrain.errors import ScaletrainError
+from scaletrain.errors import ConfigError, ScaletrainError
 from scaletrain.logs import get_logger
 from scaletrain.topology.init import Topology
 
 log = get_logger(__name__)
 
 RNG_DIR = "rng"
-
-
-@dataclass
-class TrainState:
-    """Everything a resume needs besides what DeepSpeed keeps (weights, optimizer, schedule,
-    loss scale): where the loop and the data stand."""
-
-    step: int
-    consumed_samples: int
-    consumed_tokens: int
-    sampler: dict[str, Any]
-    skipped_steps: int = 0
-    lr_schedule: dict[str, Any] | None = None
-    """Recorded for people and tools (DeepSpeed restores the schedule itself)."""
-    loss_scale: float | None = None
-    """fp16's dynamic loss scale, recorded likewise (DeepSpeed restores it)."""
-
-
-def rng_state() -> dict[str, Any]:
-    """This rank's random generators, as tensors and plain numbers (loadable weights_only)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": pos,
-            "has_gauss": has_gauss,
-            "gauss": gauss,
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def parameter_layout(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    """Per parameter: this rank's shape and how TP splits it (megatron-core's attributes).
-
-    With this a checkpoint of any TP degree can be merged or re-split without the model code.
-    """
-    layout = {}
-    for name, param in module.named_parameters():
-        shape = getattr(param, "ds_shape", None) or param.shape  # ZeRO-3 keeps it aside
-        split = getattr(param, "tensor_model_parallel", False)
-        layout[name] = {
-            "shape": list(shape),
-            "tp_dim": int(param.partition_dim) if split else None,
-            "tp_stride": int(getattr(param, "partition_stride", 1)) if split else None,
-        }
-    return layout
 
 
 class CheckpointManager:
@@ -129,7 +69,10 @@ class CheckpointManager:
         c = config.checkpoint
         self.root = Path(c.dir) if c.dir else Path(config.train.run_dir) / "checkpoints"
         self.last_save_time = time.monotonic()
+        self.last_save_bytes: int | None = None  # the free-space check's estimate of a save
         self.load_universal = False  # set by prepare_reshard(): how the engine loads
+        self.identity: dict[str, Any] | None = None
+        """What a resume compares (compat.run_identity), recorded in every manifest."""
 
     # ---- save -------------------------------------------------------------------------
     def save(self, engine: Any, state: TrainState) -> Path:
@@ -141,21 +84,43 @@ class CheckpointManager:
         if self.topology.is_main:  # leftovers of killed saves (and deletions) go first
             shutil.rmtree(staging_root, ignore_errors=True)
             staging_root.mkdir(parents=True, exist_ok=True)
+            warning = space_warning(self.root, self.last_save_bytes)
+            if warning:
+                log.warning("%s", warning)
         dist.barrier()
         start = time.perf_counter()
-        engine.save_checkpoint(str(staging_root), tag=tag, save_latest=False)
-        (staging / RNG_DIR).mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), staging / RNG_DIR / f"rank_{self.topology.rank:05d}.pt")
-        dist.barrier()
+        failure: BaseException | None = None
+        try:
+            engine.save_checkpoint(str(staging_root), tag=tag, save_latest=False)
+        except Exception as err:  # the others wait in DeepSpeed's closing barrier: meet them
+            failure = err
+            dist.barrier()
+        if failure is None:
+            try:
+                (staging / RNG_DIR).mkdir(parents=True, exist_ok=True)
+                torch.save(rng_state(), staging / RNG_DIR / f"rank_{self.topology.rank:05d}.pt")
+            except Exception as err:
+                failure = err
+        agree_on_failure(failure, staging, self.root, self.last_save_bytes, self.topology.is_main)
         files = self._describe_files(staging)
+        failed = next((e for e in files if "error" in e), None)
+        if failed is not None:  # every rank has the whole list
+            failure = OSError(failed["errno"], failed["error"])
+        agree_on_failure(failure, staging, self.root, self.last_save_bytes, self.topology.is_main)
         parameters = self._parameter_layout(engine.module)
+        manifest = None
         if self.topology.is_main:
             data = self._manifest_data(state, files)
             data["parameters"] = parameters
             manifest = Manifest(staging, data)
-            manifest.write()
-            fsync_dir(staging / RNG_DIR)
-            fsync_dir(staging)  # the entries must be durable before the folder becomes visible
+            try:
+                manifest.write()
+                fsync_dir(staging / RNG_DIR)
+                fsync_dir(staging)  # entries must be durable before the folder becomes visible
+            except Exception as err:
+                failure = err
+        agree_on_failure(failure, staging, self.root, self.last_save_bytes, self.topology.is_main)
+        if manifest is not None:
             self._delete(final)  # a re-save of the same step
             os.replace(staging, final)
             fsync_dir(self.root)
@@ -167,6 +132,7 @@ class CheckpointManager:
                 manifest.total_bytes / 1e6,
                 time.perf_counter() - start,
             )
+            self.last_save_bytes = manifest.total_bytes
         dist.barrier()
         self.last_save_time = time.monotonic()
         return final
@@ -174,7 +140,14 @@ class CheckpointManager:
     def _describe_files(self, folder: Path) -> list[dict[str, Any]]:
         """Flush and checksum all files; the ranks share the work, rank 0 gets the list."""
         names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-        described = self._share_work(names, lambda name: describe_file(folder, name))
+
+        def describe(name: str) -> dict[str, Any]:
+            try:
+                return describe_file(folder, name)
+            except OSError as err:  # fsync reports a full disk on NFS: every rank must hear
+                return {"path": name, "errno": err.errno, "error": str(err)}
+
+        described = self._share_work(names, describe)
         return sorted(described, key=lambda e: e["path"])
 
     def _parameter_layout(self, module: torch.nn.Module) -> dict[str, dict[str, Any]]:
@@ -218,6 +191,7 @@ class CheckpointManager:
             "layout": self.layout(),
             "precision": self.config.precision.dtype,
             "config": to_dict(self.config),
+            "identity": self.identity,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": files,
         }
@@ -262,9 +236,9 @@ class CheckpointManager:
     def candidates(self) -> list[Path]:
         """Checkpoints to try, newest first; `latest` first when it names one."""
         found = list(reversed(list_checkpoints(self.root)))
-        pointer = self.root / LATEST
-        if pointer.is_file():
-            named = self.root / pointer.read_text().strip()
+        tag = read_latest(self.root)
+        if tag:
+            named = self.root / tag
             if named in found:
                 found.remove(named)
                 found.insert(0, named)
@@ -287,12 +261,24 @@ class CheckpointManager:
             return None
         if resume != "auto":
             folder = Path(resume)
+            if Manifest.read(folder) is None:  # before the pickle question: say what is wrong
+                raise ConfigError("checkpoint.resume", not_a_checkpoint(folder))
             self._check_external(folder)
             problem = self.verify(folder)
             if problem:
                 raise ScaletrainError(f"checkpoint.resume: {folder} is not usable: {problem}")
+            self._remember_size(folder)
             return folder
-        return self.newest_good()
+        folder = self.newest_good()
+        if folder is not None:
+            self._remember_size(folder)
+        return folder
+
+    def _remember_size(self, folder: Path) -> None:
+        """A resumed run's first free-space check uses the checkpoint it starts from."""
+        manifest = Manifest.read(folder)
+        if manifest is not None:
+            self.last_save_bytes = manifest.total_bytes
 
     def newest_good(self) -> Path | None:
         """Collective: the newest checkpoint that verifies, warning about each one that does not."""
@@ -306,14 +292,13 @@ class CheckpointManager:
                 )
         return None
 
-    def _check_external(self, folder: Path) -> None:
-        inside = folder.resolve().is_relative_to(self.root.resolve())
-        if not inside and not self.config.checkpoint.allow_external_pickle:
-            raise ScaletrainError(
-                f"checkpoint.resume: {folder} is outside this run's checkpoints ({self.root}) "
-                "and DeepSpeed loads it with pickle; set checkpoint.allow_external_pickle=true "
-                "if you trust it"
-            )
+    def _check_external(self, folder: Path, verified: bool = False) -> None:
+        """Collective: refuse, in one line on every rank, a checkpoint with a file that holds
+        more than weights (unpickling it could run code), wherever it lives: a folder's place
+        says nothing about who wrote its files. Files that are no torch files at all are left
+        to the checksums until `verified`."""
+        if not self.config.checkpoint.allow_external_pickle:
+            check_folder(folder, collective=True, unreadable=verified)
 
     def prepare_reshard(self, folder: Path | None) -> bool:
         """Collective, before the engine is built: True if `folder` was saved with another
@@ -333,13 +318,20 @@ class CheckpointManager:
             log.info(
                 "resharding %s from %s to %s", folder.name, saved, describe_layout(self.layout())
             )
-        ensure_universal(folder, self.root, self.topology.is_main)
+        ensure_universal(folder, self.root, self.topology.is_main, self._allow_pickle)
         self.load_universal = True
         return True
 
+    @property
+    def _allow_pickle(self) -> bool:
+        return self.config.checkpoint.allow_external_pickle
+
     def load(self, engine: Any, folder: Path, full: bool = False) -> TrainState | None:
         """Collective: restore engine, RNG and loop state. None for a weights-only load
-        (`checkpoint.load_weights_only`, which `full=True` overrides: a rollback needs it all)."""
+        (`checkpoint.load_weights_only`, which `full=True` overrides: a rollback needs it all).
+
+        Every file is read by torch's weights-only unpickler, DeepSpeed's loads included
+        (`safe_load`), unless `checkpoint.allow_external_pickle`."""
         manifest = Manifest.read(folder)
         assert manifest is not None  # select() verified it
         weights_only = self.config.checkpoint.load_weights_only and not full
@@ -347,28 +339,32 @@ class CheckpointManager:
         source = folder
         if self.load_universal:  # a resharded run loads (and rolls back) through universal copies
             check_reshardable(manifest, self.layout(), self.config.precision.dtype)
-            source = ensure_universal(folder, self.root, self.topology.is_main)
+            source = ensure_universal(folder, self.root, self.topology.is_main, self._allow_pickle)
         elif not layout_kept:
             raise ScaletrainError(
                 f"{folder} was saved as {describe_layout(manifest.data['layout'])}, this run "
                 f"is {describe_layout(self.layout())}; only the checkpoint a run starts from "
                 "is resharded"
             )
-        engine.load_checkpoint(
-            str(source.parent),
-            tag=source.name,
-            load_optimizer_states=not weights_only,
-            load_lr_scheduler_states=not weights_only,
-            load_module_only=weights_only,
-        )
+        # What DeepSpeed reads: the checkpoint, or its universal copy (ensure_universal checked
+        # the checkpoint; a copy it reused may have been planted by whoever wrote the folder).
+        self._check_external(source, verified=True)
+        with weights_only_loading(self._allow_pickle):
+            engine.load_checkpoint(
+                str(source.parent),
+                tag=source.name,
+                load_optimizer_states=not weights_only,
+                load_lr_scheduler_states=not weights_only,
+                load_module_only=weights_only,
+            )
         if self.load_universal:
-            repair_optimizer(engine, source)
+            repair_optimizer(engine, source, self._allow_pickle)
         if weights_only:
             log.info("loaded the weights of %s (fresh optimizer, step 0)", folder)
             return None
         rng_file = folder / RNG_DIR / f"rank_{self.topology.rank:05d}.pt"
         if layout_kept and rng_file.is_file():  # rank i of the same layout
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(load_file(rng_file, self._allow_pickle))
         data = manifest.data
         log.info("resumed from %s (step %d)", folder, data["step"])
         return TrainState(

@@ -15,6 +15,10 @@ from typing import Any
 
 import xxhash
 
+from scaletrain.logs import get_logger
+
+log = get_logger(__name__)
+
 MANIFEST = "manifest.json"
 LATEST = "latest"  # file naming the newest complete checkpoint
 STAGING = ".staging"  # checkpoints being written, and old ones being deleted
@@ -111,6 +115,43 @@ class Manifest:
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
         fsync_file(tmp)
         os.replace(tmp, path)
+
+
+def read_latest(root: Path) -> str | None:
+    """The tag the `latest` pointer of `root` names, or None without one.
+
+    A pointer that is not valid UTF-8, is empty or names something other than a folder in
+    `root` (e.g. overwritten by another tool) counts as missing, with a warning: the newest
+    complete checkpoint is then found by listing the folder.
+    """
+    pointer = root / LATEST
+    try:
+        raw = pointer.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        log.warning("%s cannot be read (%s); ignoring it", pointer, err.strerror)
+        return None
+    try:
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        log.warning("%s is not valid UTF-8; ignoring it", pointer)
+        return None
+    if not tag or "/" in tag or "\\" in tag or tag in (".", ".."):
+        log.warning("%s names no checkpoint (%r); ignoring it", pointer, tag[:40])
+        return None
+    return tag
+
+
+def not_a_checkpoint(folder: Path) -> str:
+    """Why `checkpoint.resume=<folder>` names no checkpoint (the text after the field)."""
+    what = (
+        "is not a checkpoint (no readable manifest.json)" if folder.exists() else "does not exist"
+    )
+    return (
+        f"{folder} {what}; give a checkpoint folder (e.g. <run_dir>/checkpoints/step_00000120), "
+        "auto or none"
+    )
 
 
 def list_checkpoints(root: Path) -> list[Path]:

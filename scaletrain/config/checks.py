@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scaletrain.config.precision import check_precision
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError
 from scaletrain.topology.dims import ParallelDims
@@ -32,13 +33,21 @@ class Resolved:
     padded_vocab_size: int
 
 
-def check_config(config: Config, world_size: int, check_data: bool = True) -> Resolved:
-    """Validate the whole config for a world size; raise ConfigError on the first problem."""
+def check_config(
+    config: Config, world_size: int, check_data: bool = True, ranks_here: bool = True
+) -> Resolved:
+    """Validate the whole config for a world size; raise ConfigError on the first problem.
+
+    `ranks_here`: the ranks run on this machine (not `launch slurm`), so its capabilities
+    count too (fp16 on a CPU)."""
     dims = ParallelDims.resolve(
         config.parallel.tp, config.parallel.pp, config.parallel.dp, config.parallel.ep, world_size
     )
+    from scaletrain.hf.imports import apply_init_from
+
+    apply_init_from(config)  # model.init_from: the model fields from the HF folder's config
     _check_model(config, dims)
-    _check_precision(config)
+    check_precision(config, ranks_here)
     micro, accum, global_batch = _check_batch(config, dims)  # before optim: it checks steps
     _check_moe(config, dims)
     _check_optim(config)
@@ -301,25 +310,6 @@ def expert_capacity(tokens: int, experts: int, factor: float, top_k: int, minimu
     return max(int(slots), minimum)
 
 
-def _check_precision(config: Config) -> None:
-    p = config.precision
-    if p.loss_scale < 0:
-        raise ConfigError("precision.loss_scale", f"must be >= 0 (0 = dynamic), got {p.loss_scale}")
-    if not 0 <= p.initial_scale_power <= 32:
-        raise ConfigError(
-            "precision.initial_scale_power", f"must be in 0..32, got {p.initial_scale_power}"
-        )
-    _positive(p.loss_scale_window, "precision.loss_scale_window")
-    _positive(p.hysteresis, "precision.hysteresis")
-    _positive(p.min_loss_scale, "precision.min_loss_scale")
-    if p.dtype != "fp16" and p.loss_scale > 0:
-        raise ConfigError(
-            "precision.loss_scale",
-            f"({p.loss_scale}) only applies to fp16, but precision.dtype is {p.dtype!r}; "
-            "set it to 0",
-        )
-
-
 def _check_optim(config: Config) -> None:
     o, t = config.optim, config.train
     _positive(o.lr, "optim.lr")
@@ -356,6 +346,17 @@ def _check_batch(config: Config, dims: ParallelDims) -> tuple[int, int, int]:
     _positive(config.logging.interval, "logging.interval")
     if config.logging.peak_tflops is not None:
         _positive(config.logging.peak_tflops, "logging.peak_tflops")
+    if config.logging.straggler_interval < 0:
+        raise ConfigError(
+            "logging.straggler_interval",
+            f"must be >= 0 (0 disables), got {config.logging.straggler_interval}",
+        )
+    if config.fault.straggler_threshold <= 1:
+        raise ConfigError(
+            "fault.straggler_threshold",
+            "must be > 1 (a factor over the peers' median), "
+            f"got {config.fault.straggler_threshold}",
+        )
     per_step = t.micro_batch * dims.dp
     if t.grad_accum is not None:
         _positive(t.grad_accum, "train.grad_accum")

@@ -1,9 +1,9 @@
 """YAML files and `section.field=value` overrides into a typed `Config`.
 
-A run file may name its model file (`model: tiny` or `model: {base: tiny, num_layers: 8}`);
-the model file is looked up next to the run file, then in `configs/models/`. Types are
-checked here, so a typo or a string where a number belongs fails with one line that names
-the field, before any process starts.
+A run file may name its model file (`model: tiny` or `model: {base: tiny, num_layers: 8}`,
+or `model.base=tiny` on the command line); the model file is looked up next to the run file,
+then in `configs/models/`. Types are checked here, so a typo, a key written twice or a string
+where a number belongs fails with one line that names the field, before any process starts.
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ MODEL_BASE_KEY = "base"
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a run file, compose its model file, apply overrides, and type-check the result."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = _read_yaml(Path(path))
-        raw = _compose_model(raw, Path(path))
-    for override in overrides or []:
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    if isinstance(raw.get("model"), str):  # `model: tiny` is `model: {base: tiny}`
+        raw["model"] = {MODEL_BASE_KEY: raw["model"]}
+    for override in overrides or []:  # before composing: `model.base=...` may be one of them
         _apply_override(raw, override)
-    return from_dict(raw)
+    return from_dict(_compose_model(raw, Path(path) if path is not None else None))
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -47,11 +46,47 @@ def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error
+    (PyYAML keeps the last value silently, so a second `lr:` would win unseen)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+            continue
+        key = loader.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        except TypeError:  # an unhashable key: construct_mapping says so
+            break
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _read_yaml(path: Path, field: str = "--config", holds: str = "sections") -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(field, f"file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            field,
+            f"{str(path)!r}: key {dup.key!r} is given twice (lines {dup.first} and "
+            f"{dup.second}); keep one",
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -63,18 +98,19 @@ def _read_yaml(path: Path, field: str = "--config", holds: str = "sections") -> 
     return data
 
 
-def _compose_model(raw: dict[str, Any], run_file: Path) -> dict[str, Any]:
-    """Replace `model: NAME` / `model: {base: NAME, ...}` by the model file plus overrides."""
+def _compose_model(raw: dict[str, Any], run_file: Path | None) -> dict[str, Any]:
+    """Replace `model: {base: NAME, ...}` by the model file, then the fields given with it."""
     model = raw.get("model")
-    if isinstance(model, str):
-        model = {MODEL_BASE_KEY: model}
     if not isinstance(model, dict) or MODEL_BASE_KEY not in model:
         return raw
     name = model[MODEL_BASE_KEY]
-    if str(name).endswith((".yaml", ".yml")):  # a path, relative to the run file or cwd
-        candidates = [run_file.parent / name, Path(name)]
+    if not isinstance(name, str) or not name:
+        raise ConfigError("model.base", f"expected a model name or file, got {_show(name)}")
+    here = [run_file.parent] if run_file is not None else []
+    if name.endswith((".yaml", ".yml")):  # a path, relative to the run file or cwd
+        candidates = [*(d / name for d in here), Path(name)]
     else:  # a preset name
-        candidates = [run_file.parent.parent / "models" / f"{name}.yaml"]
+        candidates = [d.parent / "models" / f"{name}.yaml" for d in here]
         candidates += [Path("configs/models") / f"{name}.yaml"]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:

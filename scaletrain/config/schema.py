@@ -74,6 +74,10 @@ class ModelConfig:
     none, full (every block) or every_n (every activation_checkpointing_every-th block)."""
     activation_checkpointing_every: int = 2
     """every_n only: recompute blocks 0, n, 2n, ...; the others keep their activations."""
+    init_from: str | None = None
+    """hf:<local folder>: start from a Hugging Face Llama or Mixtral folder (its weights and,
+    for every model field left at its default, its config.json; see docs/hf.md); null starts
+    from random weights."""
 
     @property
     def kv_heads(self) -> int:
@@ -220,8 +224,8 @@ class CheckpointConfig:
     load_weights_only: bool = False
     """Take only the model weights from the resumed checkpoint (fresh optimizer, step 0)."""
     allow_external_pickle: bool = False
-    """Allow unpickling DeepSpeed's files of a checkpoint outside this run's checkpoint folder
-    (pickle can run code: only for checkpoints you trust)."""
+    """Fully unpickle checkpoint files that weights-only loading refuses (unpickling can run code
+    from the file: only for checkpoints you trust); every other file is read weights-only."""
 
 
 @dataclass
@@ -242,6 +246,10 @@ class FaultConfig:
     code 124 instead of hanging the job; also the process-group timeout."""
     heartbeat_seconds: float = 60.0
     """Rank 0 names the ranks whose heartbeat is older than this when a step hangs; 0 disables."""
+    straggler_threshold: float = 1.2
+    """The straggler report (`logging.straggler_interval`) names a rank whose compute time
+    (time outside collectives) exceeds the median of its peers' (the ranks of its pipeline
+    stage) by more than this factor."""
 
 
 @dataclass
@@ -249,13 +257,21 @@ class LoggingConfig:
     """Where metrics go; everything is written by rank 0 only."""
 
     interval: int = 1
-    """Print a progress line every N steps (metrics.jsonl gets every step)."""
+    """Print a progress line every N steps when stdout is a log file (a terminal gets a live
+    progress bar instead); metrics.jsonl gets every step."""
     jsonl: bool = True
     """Write <run_dir>/metrics.jsonl, one JSON object per step."""
     wandb: bool = False
     """Log to Weights & Biases (offline unless WANDB_API_KEY is set)."""
     wandb_project: str = "scaletrain"
     """Weights & Biases project name."""
+    tensorboard: bool = False
+    """Write TensorBoard event files under <run_dir>/tensorboard (every numeric key of
+    metrics.jsonl as a scalar; `tensorboard --logdir <run_dir>/tensorboard`)."""
+    straggler_interval: int = 0
+    """Every N steps time each rank's phases (data, forward, backward, optimizer step; time
+    inside collectives apart) with torch.profiler, gather them to rank 0 and report a rank
+    slower than `fault.straggler_threshold` x its peers; 0 disables (no timing at all)."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device for MFU; null looks the GPU up or measures the CPU once."""
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from scaletrain.launch.outcome import record_exit
 from scaletrain.logs import get_logger
 
 log = get_logger(__name__)
@@ -75,13 +76,12 @@ class Heartbeat:
                     self._reported = self.marker
                     self._report(stalled, interval)
                 if stalled >= self.timeout:
-                    log.error(
-                        "rank %d: no progress for %.0fs (fault.collective_timeout_minutes); "
-                        "exiting with %d",
-                        self.rank,
-                        stalled,
-                        EXIT_HUNG,
+                    message = (
+                        f"rank {self.rank}: no progress for {stalled:.0f}s "
+                        f"(fault.collective_timeout_minutes); exiting with {EXIT_HUNG}"
                     )
+                    log.error("%s", message)
+                    record_exit(EXIT_HUNG, message)  # os._exit skips the CLI's own recording
                     os._exit(EXIT_HUNG)
             except Exception:  # the store is gone: the run is ending anyway
                 return

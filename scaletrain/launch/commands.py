@@ -7,7 +7,7 @@ import os
 import shlex
 from pathlib import Path
 
-from scaletrain.config import check_config, load_config
+from scaletrain.config import load_config
 from scaletrain.logs import setup_logging
 
 
@@ -15,10 +15,11 @@ def launch(args: argparse.Namespace) -> int:
     setup_logging()
     if args.action == "local":
         from scaletrain.launch.torchrun import run_local
+        from scaletrain.train.preflight import preflight_launch
 
         config = load_config(args.config, args.overrides)
-        check_config(config, args.nproc)
-        return run_local(args.nproc, args.config, args.overrides, config.train.run_dir)
+        preflight_launch(config, args.nproc)  # one line and exit 2 before any rank starts
+        return run_local(args.nproc, args.config, args.overrides)
     if args.action == "status":
         from scaletrain.launch.status import run_status
 
@@ -37,7 +38,7 @@ def _slurm(args: argparse.Namespace) -> int:
     job = render_job(
         config,
         cluster,
-        nodes=args.nodes or cluster.nodes,
+        nodes=cluster.nodes if args.nodes is None else args.nodes,
         chain=args.chain,
         workdir=Path(os.getcwd()),
         config_source=" ".join(shlex.quote(w) for w in [args.config, *run_overrides]),

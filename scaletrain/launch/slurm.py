@@ -23,7 +23,6 @@ from scaletrain.config.checks import Resolved
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError, ScaletrainError
 from scaletrain.launch.cluster import ClusterConfig
-from scaletrain.launch.outcome import MARKER
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch.in"
 SLURM_DIR = "slurm"  # inside the run folder: script, resolved config, job records, logs
@@ -52,6 +51,8 @@ class SlurmJob:
 
 def check_layout(config: Config, nodes: int, gpus_per_node: int) -> Resolved:
     """nodes x gpus_per_node must be the world size of the layout (tp x pp x dp)."""
+    if nodes < 1:  # before the world size: 0 or -3 nodes is a bad flag, not a bad layout
+        raise ConfigError("--nodes", f"must be >= 1, got {nodes}")
     world = nodes * gpus_per_node
     p = config.parallel
     per_replica = p.tp * p.pp
@@ -72,8 +73,9 @@ def check_layout(config: Config, nodes: int, gpus_per_node: int) -> Resolved:
             f"{nodes} node(s) x {gpus_per_node} GPUs per node = {world} ranks, but {layout}; {fix}",
         )
     # The data may live only on the cluster's file system: then its vocabulary is read there.
+    # The ranks run on the cluster's nodes, so this machine's CPU says nothing about fp16.
     data_here = all(Path(path).exists() for path in config.data.paths)
-    return check_config(config, world, check_data=data_here)
+    return check_config(config, world, check_data=data_here, ranks_here=False)
 
 
 def absolute_paths(config: Config, workdir: Path) -> Config:
@@ -124,9 +126,7 @@ def render_job(
         "requeue_option": "requeue" if requeue else "no-requeue",
         "log_dir": _sbatch_value("cluster.output_dir", str(log_dir)),
         "workdir": _sbatch_value("workdir", str(workdir)),
-        "run_dir": shlex.quote(str(run_dir)),
         "config": shlex.quote(str(folder / CONFIG)),
-        "marker": MARKER,
         "requeue": "1" if requeue else "0",
         "setup": "\n".join(cluster.setup) or ": # none",
         "env": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in cluster.env.items())

@@ -15,6 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from scaletrain.checkpoint.manifest import read_latest
 from scaletrain.errors import ScaletrainError
 from scaletrain.launch.slurm import JOBS, SLURM_DIR
 
@@ -113,8 +114,7 @@ def _progress(run_dir: Path) -> str:
                 rows.append(json.loads(line))
             except ValueError:  # a line being written right now
                 continue
-    latest = run_dir / "checkpoints" / "latest"
-    ckpt = latest.read_text().strip() if latest.is_file() else "none"
+    ckpt = read_latest(run_dir / "checkpoints") or "none"
     if not rows:
         return f"progress: no steps logged yet ({metrics}); checkpoint {ckpt}"
     last = rows[-1]

@@ -1,10 +1,11 @@
-"""`scaletrain launch local`: torchrun on this machine, with signals passed on and exit 75 kept.
+"""`scaletrain launch local`: torchrun on this machine, with signals passed on and the ranks' code.
 
-torchrun runs as a child in its own session, so a Ctrl-C in the terminal reaches only this
-launcher, which turns it into a stop request: SIGINT, SIGTERM and SIGUSR1 become SIGTERM to
-torchrun, which passes it to every rank; the ranks agree, save and exit 75. A second Ctrl-C
-kills torchrun (and with it the ranks). The exit status is the run's: 0 done, 75 stopped
-resumably (torchrun itself says 1 then), the workers' code otherwise.
+The ranks' launcher (`scaletrain.launch.agent`, torchrun's agent with the ranks' exit code)
+runs as a child in its own session, so a Ctrl-C in the terminal reaches only this launcher,
+which turns it into a stop request: SIGINT, SIGTERM and SIGUSR1 become SIGTERM to the agent,
+which passes it to every rank; the ranks agree, save and exit 75. A second Ctrl-C kills the
+agent (and with it the ranks). The exit status is the run's: 0 done, 2 refused, 75 stopped
+resumably, 124 hung, a crash's code otherwise; the last line on stderr says which.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import functools
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from types import FrameType
 
 from scaletrain.fault.signals import on_parent_death
-from scaletrain.launch.outcome import clear_marker, launcher_exit_code
+from scaletrain.launch.outcome import exit_status
 from scaletrain.logs import get_logger
 
 log = get_logger(__name__)
@@ -26,11 +26,11 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def local_command(nproc: int, config: str, overrides: list[str]) -> list[str]:
-    """`torchrun --standalone` with this interpreter, so the same venv runs every rank."""
+    """`torchrun --standalone` (our agent) with this interpreter: the same venv runs every rank."""
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "scaletrain.launch.agent",
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",
@@ -42,9 +42,8 @@ def local_command(nproc: int, config: str, overrides: list[str]) -> list[str]:
     ]
 
 
-def run_local(nproc: int, config: str, overrides: list[str], run_dir: str | Path) -> int:
-    """Run torchrun to the end; returns the run's exit status (0, 75 or the failure)."""
-    clear_marker(run_dir)
+def run_local(nproc: int, config: str, overrides: list[str]) -> int:
+    """Run the ranks to the end; returns the run's exit status (0, 2, 75, 124, ...)."""
     proc = subprocess.Popen(
         local_command(nproc, config, overrides),
         start_new_session=True,
@@ -70,7 +69,6 @@ def run_local(nproc: int, config: str, overrides: list[str], run_dir: str | Path
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    code = launcher_exit_code(returncode, run_dir)
-    if code != returncode:
-        log.info("torchrun exited %d; the run stopped resumably: exit %d", returncode, code)
-    return code
+    if returncode < 0:  # killed (a second Ctrl-C): the agent said nothing
+        log.error("the ranks' launcher was killed by %s", signal.Signals(-returncode).name)
+    return exit_status(returncode)

@@ -1,16 +1,20 @@
 """The Llama-style decoder-only language model: embedding, blocks, norm, head, loss.
 
-The model is a sequence of layers (embedding, decoder blocks, final norm, vocabulary head),
-each initialised from its own seed derived from the global one, so that a pipeline stage that
-builds only some of the layers gets exactly the weights the whole model has
-(`scaletrain.models.pipeline` partitions the same layers).
+The model is one list of layers (`model_layers`: embedding, decoder blocks, final norm,
+vocabulary head), each initialised from its own seed derived from the global one, so that a
+pipeline stage that builds only some of the layers gets exactly the weights the whole model
+has (`scaletrain.models.pipeline` partitions the same list).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch import nn
 
 from scaletrain.config.schema import ModelConfig
@@ -25,8 +29,22 @@ class LayerSeeds:
     def __init__(self) -> None:
         self.base = torch.initial_seed()
 
-    def __call__(self, index: int) -> contextlib.AbstractContextManager[None]:
+    def __call__(self, index: int | None) -> contextlib.AbstractContextManager[None]:
+        if index is None:  # a layer without random initialisation (the norms)
+            return contextlib.nullcontext()
         return seeded_rng(self.base * 1_000_003 + index)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One entry of the model's layer list: what the whole model and a pipeline stage build."""
+
+    name: str
+    """Where the whole model keeps it: embedding, blocks.<i>, norm, head."""
+    seed: int | None
+    """The per-layer seed index it is built under (None: nothing random in it)."""
+    typename: type
+    build: Callable[[], nn.Module]
 
 
 class VocabHead(nn.Module):
@@ -61,19 +79,16 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tp = tp
         seeds = LayerSeeds()
-        with seeds(embedding_index()):
-            self.embedding = tp.embedding(padded_vocab_size, cfg.hidden_size, std=cfg.init_std)
         # MoE: the router's numbers of every MoE block; the trainer collects them per step.
         self.moe_stats = RouterStats(cfg.num_experts) if cfg.num_experts else None
-        self.blocks = nn.ModuleList()
-        layout = zip(recomputed_blocks(cfg), moe_blocks(cfg), strict=True)
-        for i, (recompute, moe) in enumerate(layout):
-            with seeds(block_index(i)):
-                mlp = MoEMLP(cfg, tp, ep or ExpertParallel(), i, self.moe_stats) if moe else None
-                self.blocks.append(DecoderBlock(cfg, tp, recompute, mlp))
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        with seeds(head_index(cfg)):
-            self.head = VocabHead(cfg, padded_vocab_size, tp)
+        built = {}
+        for layer in model_layers(cfg, padded_vocab_size, tp, ep, self.moe_stats):
+            with seeds(layer.seed):
+                built[layer.name] = layer.build()
+        # Registered in this order: the parameter order is the checkpoints' flat ZeRO layout.
+        self.embedding = built["embedding"]
+        self.blocks = nn.ModuleList(built[f"blocks.{i}"] for i in range(cfg.num_layers))
+        self.norm, self.head = built["norm"], built["head"]
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """This TP rank's slice of the vocabulary logits, [batch, seq, vocab / tp]."""
@@ -98,6 +113,48 @@ class GPT(nn.Module):
         self.moe_stats.fold()
         total = self.cfg.moe_aux_loss_coeff * aux + self.cfg.moe_z_loss_coeff * z
         return total - total.detach()
+
+
+def model_layers(
+    cfg: ModelConfig,
+    padded_vocab_size: int,
+    tp: TensorParallel,
+    ep: ExpertParallel | None = None,
+    stats: RouterStats | None = None,
+) -> list[Layer]:
+    """The model as one flat list: embedding, decoder blocks, final norm, vocabulary head.
+
+    `GPT` builds all of it; `scaletrain.models.pipeline` hands the same list to DeepSpeed's
+    stages. Each layer is built under its own seed, so both hold the same weights.
+    """
+    embed = functools.partial(tp.embedding, padded_vocab_size, cfg.hidden_size, cfg.init_std)
+    layers = [Layer("embedding", embedding_index(), VocabParallelEmbedding, embed)]
+    layout = zip(recomputed_blocks(cfg), moe_blocks(cfg), strict=True)
+    for i, (recompute, moe) in enumerate(layout):
+        build = functools.partial(_block, cfg, tp, recompute, moe, ep, i, stats)
+        layers.append(Layer(f"blocks.{i}", block_index(i), DecoderBlock, build))
+    norm = functools.partial(nn.RMSNorm, cfg.hidden_size, eps=cfg.norm_eps)
+    layers.append(Layer("norm", None, nn.RMSNorm, norm))
+    head = functools.partial(VocabHead, cfg, padded_vocab_size, tp)
+    layers.append(Layer("head", head_index(cfg), VocabHead, head))
+    return layers
+
+
+def _block(
+    cfg: ModelConfig,
+    tp: TensorParallel,
+    recompute: bool,
+    moe: bool,
+    ep: ExpertParallel | None,
+    index: int,
+    stats: RouterStats | None,
+) -> DecoderBlock:
+    """Decoder block `index`; an MoE block's MLP is built first, under the block's seed."""
+    mlp = None
+    if moe:
+        assert stats is not None, "an MoE block reports to the model's RouterStats"
+        mlp = MoEMLP(cfg, tp, ep or ExpertParallel(), index, stats)
+    return DecoderBlock(cfg, tp, recompute, mlp)
 
 
 def embedding_index() -> int:

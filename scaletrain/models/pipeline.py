@@ -1,8 +1,9 @@
 """Pipeline parallelism: the GPT's layers as a DeepSpeed `PipelineModule`.
 
-The layer list is the model of `scaletrain.models.gpt` written out flat: embedding, decoder
-blocks, final norm, vocabulary head. Each layer is built under the same per-layer seed as in
-`GPT`, so a stage that builds only its own layers holds exactly the weights of the whole model.
+The stages are cut from the model's one layer list (`scaletrain.models.gpt.model_layers`:
+embedding, decoder blocks, final norm, vocabulary head). Each layer is built under the same
+per-layer seed as in `GPT`, so a stage that builds only its own layers holds exactly the
+weights of the whole model.
 A tied head is a `TiedLayerSpec` of the embedding on the last stage; DeepSpeed keeps the two
 copies equal by broadcasting at start and all-reducing their gradients.
 
@@ -18,18 +19,10 @@ from collections.abc import Callable
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch import nn
 
 from scaletrain.config.schema import ModelConfig
-from scaletrain.models.gpt import (
-    LayerSeeds,
-    VocabHead,
-    block_index,
-    embedding_index,
-    head_index,
-    recomputed_blocks,
-)
+from scaletrain.models.gpt import LayerSeeds, VocabHead, model_layers
 from scaletrain.models.layers import DecoderBlock
 from scaletrain.models.parallel import TensorParallel
 from scaletrain.plan.flops import parameter_count
@@ -46,7 +39,7 @@ class _SeededBuild:
     """What both specs build: `factory()` under the seed of layer `index`."""
 
     seeds: LayerSeeds
-    index: int
+    index: int | None
     factory: Callable[[], nn.Module]
 
     def build(self, log: bool = False) -> nn.Module:
@@ -57,7 +50,9 @@ class _SeededBuild:
 class SeededSpec(_SeededBuild, LayerSpec):
     """A layer that a stage builds with `factory` under the layer's own seed."""
 
-    def __init__(self, seeds: LayerSeeds, index: int, typename: type, factory: Callable) -> None:
+    def __init__(
+        self, seeds: LayerSeeds, index: int | None, typename: type, factory: Callable
+    ) -> None:
         super().__init__(typename)
         self.seeds, self.index, self.factory = seeds, index, factory
 
@@ -68,7 +63,7 @@ class SeededTiedSpec(_SeededBuild, TiedLayerSpec):
     def __init__(
         self,
         seeds: LayerSeeds,
-        index: int,
+        index: int | None,
         typename: type,
         factory: Callable,
         forward_fn: Callable | None = None,
@@ -98,25 +93,21 @@ def pipeline_model(
 ) -> GPTPipeline:
     """This rank's stage of the GPT; the ranks are laid out as in `ParallelDims` (pp, dp, tp)."""
     seeds = LayerSeeds()
-    embed = functools.partial(tp.embedding, padded_vocab_size, cfg.hidden_size, cfg.init_std)
     layers: list = []
-    if cfg.tie_embeddings:
-        layers.append(SeededTiedSpec(seeds, embedding_index(), VocabParallelEmbedding, embed))
-    else:
-        layers.append(SeededSpec(seeds, embedding_index(), VocabParallelEmbedding, embed))
-    for i, recompute in enumerate(recomputed_blocks(cfg)):
-        block = functools.partial(DecoderBlock, cfg, tp, recompute)
-        layers.append(SeededSpec(seeds, block_index(i), DecoderBlock, block))
-    layers.append(LayerSpec(nn.RMSNorm, cfg.hidden_size, eps=cfg.norm_eps))
-    head = VocabHead(cfg, padded_vocab_size, tp) if cfg.tie_embeddings else None
-    if head is not None:  # weightless: it projects with the tied embedding's weight
-        project = functools.partial(_tied_logits, head)
-        layers.append(
-            SeededTiedSpec(seeds, embedding_index(), VocabParallelEmbedding, embed, project)
-        )
-    else:
-        make_head = functools.partial(VocabHead, cfg, padded_vocab_size, tp)
-        layers.append(SeededSpec(seeds, head_index(cfg), VocabHead, make_head))
+    embedding = None
+    for layer in model_layers(cfg, padded_vocab_size, tp):
+        if cfg.tie_embeddings and layer.name == "embedding":
+            embedding = layer
+            layers.append(SeededTiedSpec(seeds, layer.seed, layer.typename, layer.build))
+        elif cfg.tie_embeddings and layer.name == "head":
+            # Weightless: it projects with the tied embedding's weight on the last stage.
+            assert embedding is not None
+            project = functools.partial(_tied_logits, layer.build())
+            layers.append(
+                SeededTiedSpec(seeds, embedding.seed, embedding.typename, embedding.build, project)
+            )
+        else:
+            layers.append(SeededSpec(seeds, layer.seed, layer.typename, layer.build))
     return GPTPipeline(
         layers,
         layer_weights(cfg, padded_vocab_size),

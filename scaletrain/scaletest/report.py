@@ -18,6 +18,7 @@ from typing import Any
 from scaletrain.errors import ScaletrainError
 
 REPORT_JSON, REPORT_MD = "scaletest.json", "scaletest.md"
+REPORT_PNG = "scaletest.png"  # the loss curves, drawn by scaletrain.plot
 
 # Largest relative loss difference a layout may show against one rank, by precision.dtype.
 # Measured on the tiny config, 6 steps, 4 ranks (docs/scaletest.md): fp32 layouts differ by 0 to
@@ -211,4 +212,6 @@ def show(report: Report, out_dir: Path, explain: bool) -> None:
         )
     failed = [row.layout for row in report.rows if not row.ok]
     verdict = f"FAILED: {', '.join(failed)} deviate" if failed else "passed"
-    console.print(f"{verdict}; wrote {out_dir / REPORT_JSON} and {REPORT_MD}", markup=False)
+    console.print(
+        f"{verdict}; wrote {out_dir / REPORT_JSON}, {REPORT_MD} and {REPORT_PNG}", markup=False
+    )

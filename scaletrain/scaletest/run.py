@@ -25,6 +25,7 @@ from scaletrain.config.load import load_config, to_dict
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError
 from scaletrain.logs import get_logger
+from scaletrain.plot import plot_scaletest
 from scaletrain.scaletest import report
 from scaletrain.scaletest.layouts import (
     Layout,
@@ -176,5 +177,6 @@ def scaletest(
         rejected=[{"layout": r.layout.name, "reason": r.reason} for r in rejected],
     )
     report.write(table, out_dir)
+    plot_scaletest(out_dir / report.REPORT_PNG, reference_dir, runs)
     report.show(table, out_dir, explain)
     return 0 if table.passed else 1

@@ -1,13 +1,12 @@
-"""Step metrics: throughput, MFU, memory; written to metrics.jsonl, a rich line and wandb.
+"""Step metrics: throughput, MFU and memory, and the writer that hands them to the sinks.
 
 Only rank 0 writes. Every value is already reduced over the ranks that matter (the loss over
-data-parallel ranks) before it gets here.
+data-parallel ranks) before it gets here. The sinks themselves are in `sinks.py` and
+`console.py`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 import sys
 import time
@@ -18,8 +17,16 @@ import torch
 from rich.console import Console
 
 from scaletrain.config.schema import Config
+from scaletrain.train.console import ConsoleSink
+from scaletrain.train.sinks import (
+    METRICS_FILE,
+    JsonlSink,
+    MetricsSink,
+    TensorBoardSink,
+    WandbSink,
+)
 
-METRICS_FILE = "metrics.jsonl"
+__all__ = ["METRICS_FILE", "MetricsWriter", "device_peak_flops", "peak_memory_bytes"]
 
 # Dense bf16/fp16 tensor-core peaks (no sparsity), FLOP/s per GPU.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -72,7 +79,8 @@ def _measure_cpu_matmul_flops(size: int = 512, seconds: float = 0.2) -> float:
 
 
 class MetricsWriter:
-    """Rank 0's sink for per-step metrics."""
+    """Rank 0's fan-out of per-step metrics to every configured sink (console, metrics.jsonl,
+    TensorBoard, wandb); other ranks hold a disabled writer."""
 
     def __init__(
         self,
@@ -81,100 +89,30 @@ class MetricsWriter:
         total_steps: int,
         enabled: bool,
         resumed_step: int = 0,
+        console: Console | None = None,
     ) -> None:
         self.enabled = enabled
-        self.interval = config.logging.interval
-        self.total_steps = total_steps
-        self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
-        self.jsonl = None
-        self.wandb_run = None
-        self.start = time.perf_counter()
-        self.first_step: int | None = None
+        self.console = ConsoleSink(total_steps, config.logging.interval, console)
+        self.sinks: list[MetricsSink] = []
         if not enabled:
             return
+        self.sinks.append(self.console)
         if config.logging.jsonl:
-            path = run_dir / METRICS_FILE
-            _drop_steps_after(path, resumed_step)
-            self.jsonl = path.open("a", buffering=1)
+            self.sinks.append(JsonlSink(run_dir, resumed_step))
+        if config.logging.tensorboard:
+            self.sinks.append(TensorBoardSink(run_dir))
         if config.logging.wandb:
-            self.wandb_run = _start_wandb(config, run_dir)
+            self.sinks.append(WandbSink(config, run_dir))
 
     def log_step(self, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        if self.jsonl:
-            self.jsonl.write(json.dumps(metrics) + "\n")
-        if self.wandb_run:
-            self.wandb_run.log(metrics, step=metrics["step"])
-        step = metrics["step"]
-        if self.first_step is None:
-            self.first_step, self.start = step, time.perf_counter()
-        if step % self.interval == 0 or step == self.total_steps or "val_loss" in metrics:
-            self.console.print(self._line(metrics))
-
-    def _line(self, m: dict[str, Any]) -> str:
-        done = m["step"] - (self.first_step or 0)
-        per_step = (time.perf_counter() - self.start) / done if done else 0.0
-        eta = per_step * (self.total_steps - m["step"])
-        line = (
-            f"step {m['step']:>5}/{self.total_steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
-            f"gnorm {m['grad_norm']:.3f}  {m['tokens_per_sec']:,.0f} tok/s  "
-            f"MFU {100 * m['mfu']:.2f}%  mem {m['peak_mem_bytes'] / 2**30:.2f} GiB  "
-            f"ETA {_duration(eta)}"
-        )
-        if "val_loss" in m:
-            line += f"  [bold]val_loss {m['val_loss']:.4f}[/bold]"
-        return line
+        for sink in self.sinks:
+            sink.log(metrics)
 
     def summary(self, text: str) -> None:
         if self.enabled:
             self.console.print(text)
 
     def close(self) -> None:
-        if self.jsonl:
-            self.jsonl.close()
-            self.jsonl = None
-        if self.wandb_run:
-            self.wandb_run.finish()
-            self.wandb_run = None
-
-
-def _drop_steps_after(path: Path, step: int) -> None:
-    """A resumed run continues the curve: steps after the checkpoint are logged again."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if _step(line) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
-def _step(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62  # a torn last line from a killed run: drop it
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-        if seconds >= 3600
-        else (f"{seconds // 60}m{seconds % 60:02d}s")
-    )
-
-
-def _start_wandb(config: Config, run_dir: Path) -> Any:
-    import wandb
-
-    from scaletrain.config.load import to_dict
-
-    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return wandb.init(
-        project=config.logging.wandb_project,
-        dir=str(run_dir),
-        config=to_dict(config),
-        mode=mode,
-        name=run_dir.name,
-    )
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()

@@ -29,3 +29,19 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_at(step, optim, total_steps) / optim.lr
     )
+
+
+def reapply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, optim: OptimConfig) -> None:
+    """After a resume: this config's learning rate at the resumed step.
+
+    DeepSpeed restores the optimizer's rates and the scheduler's base rates as saved, so a
+    changed schedule (train.steps, optim.lr, ...) would start from the old one. Computed as
+    LambdaLR computes it, so an unchanged schedule keeps every bit."""
+    scheduler.base_lrs = [optim.lr for _ in scheduler.base_lrs]
+    rates = [
+        base * rule(scheduler.last_epoch)
+        for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["initial_lr"], group["lr"] = optim.lr, rate
+    scheduler._last_lr = rates

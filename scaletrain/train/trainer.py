@@ -17,8 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scaletrain.checkpoint.manager import CheckpointManager, TrainState
-from scaletrain.config.checks import Resolved, check_config, parse_duration
+from scaletrain.checkpoint.compat import check_resume, data_identities, run_identity, schedule_note
+from scaletrain.checkpoint.manager import CheckpointManager
+from scaletrain.checkpoint.manifest import Manifest
+from scaletrain.checkpoint.state import TrainState
+from scaletrain.config.checks import Resolved, parse_duration
 from scaletrain.config.load import dump_yaml
 from scaletrain.config.schema import Config
 from scaletrain.data import GlobalBatchSampler, build_dataset
@@ -28,13 +31,16 @@ from scaletrain.fault.guards import LossGuard
 from scaletrain.fault.heartbeat import Heartbeat
 from scaletrain.fault.signals import StopRequested, StopWatch, die_with_launcher
 from scaletrain.logs import get_logger
-from scaletrain.models.gpt import GPT
 from scaletrain.models.moe import ExpertParallel
 from scaletrain.models.parallel import TensorParallel
-from scaletrain.models.pipeline import pipeline_model
+from scaletrain.models.registry import build_model
 from scaletrain.plan.flops import flops_per_token
 from scaletrain.topology.init import Topology, env_world_size, init_topology, seed_everything
 from scaletrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes
+from scaletrain.train.preflight import Checked, preflight
+from scaletrain.train.run_dir import own_run_dir
+from scaletrain.train.schedule import reapply_schedule
+from scaletrain.train.straggler import StepTimer, StragglerReport
 
 log = get_logger(__name__)
 
@@ -57,14 +63,29 @@ class Trainer:
     def __init__(self, config: Config, topology: Topology, resolved: Resolved) -> None:
         self.config, self.topology, self.resolved = config, topology, resolved
         self.run_dir = Path(config.train.run_dir)
-        if topology.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(config))
+        # Before anything is written: one run per run directory (rank 0 holds the lock).
+        self.lock = own_run_dir(self.run_dir, topology.rank, topology.world_size)
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        config, topology, resolved = self.config, self.topology, self.resolved
         # Picked before the engine exists: one saved with another layout is loaded through
         # DeepSpeed's universal format, which is chosen when the engine is built.
         self.checkpoints = CheckpointManager(config, topology)
+        self.checkpoints.identity = run_identity(
+            config, resolved, data_identities(config.data.paths)
+        )
         self.resume_from = self.checkpoints.select()
+        start_step = self._check_resume()
         universal = self.checkpoints.prepare_reshard(self.resume_from)
+        if topology.is_main:  # only now: a refused resume leaves the run's config as it was
+            text = dump_yaml(config)
+            (self.run_dir / f"config.step_{start_step}.yaml").write_text(text)
+            (self.run_dir / "config.yaml").write_text(text)
         seed_everything(config.train.seed)
         self.pipelined = resolved.dims.pp > 1
         with model_init_context(config, resolved, topology):
@@ -79,6 +100,12 @@ class Trainer:
         )
         self.peak_flops = device_peak_flops(topology.device, config.logging.peak_tflops)
         self.guard = LossGuard(config.fault)
+        self.stragglers = StragglerReport(
+            config.logging.straggler_interval, config.fault.straggler_threshold, topology
+        )
+        self.step_timer = self.stragglers.timer(0)
+        if self.pipelined and self.stragglers.active:
+            self.stragglers.instrument_pipeline(self.engine, lambda: self.step_timer)
         f = config.fault
         self.heartbeat = Heartbeat(
             topology.rank,
@@ -94,15 +121,41 @@ class Trainer:
             config, self.run_dir, config.train.steps, topology.is_main, resumed_step=self.step
         )
 
+    def _check_resume(self) -> int:
+        """Refuse a checkpoint this config cannot continue (before any weights load); warn
+        once about a changed schedule. Returns the step the run starts from."""
+        if self.resume_from is None:
+            return 0
+        manifest = Manifest.read(self.resume_from)
+        assert manifest is not None  # select() verified it
+        check_resume(manifest, self.config, self.checkpoints.identity or {})
+        note = schedule_note(manifest, self.config)
+        if note and self.topology.is_main:
+            log.warning("%s", note)
+        return 0 if self.config.checkpoint.load_weights_only else manifest.step
+
+    def close(self) -> None:
+        """Give up the run directory (also done by the kernel when the process dies)."""
+        if self.lock is not None:
+            self.lock.release()
+
     def _build_model(self) -> torch.nn.Module:
-        """The whole GPT, or this rank's pipeline stage of it (same weights either way)."""
+        """The model of this config (its family's), or this rank's pipeline stage of it."""
         tp = TensorParallel(self.resolved.dims.tp, self.topology.groups.tp)
-        vocab = self.resolved.padded_vocab_size
-        if self.pipelined:
-            partition = self.config.parallel.pipeline_partition
-            return pipeline_model(self.config.model, vocab, tp, self.resolved.dims, partition)
         ep = ExpertParallel.of(self.resolved.dims.ep, self.topology.dp_rank)
-        return GPT(self.config.model, vocab, tp, ep)
+        model = build_model(
+            self.config.model,
+            self.resolved.padded_vocab_size,
+            tp,
+            self.resolved.dims,
+            ep,
+            self.config.parallel.pipeline_partition,
+        )
+        if self.config.model.init_from and self.resume_from is None:
+            from scaletrain.hf.imports import load_hf_weights
+
+            load_hf_weights(model, self.config.model, self.resolved.padded_vocab_size, tp, ep)
+        return model
 
     def _resume(self) -> None:
         folder = self.resume_from
@@ -110,6 +163,7 @@ class Trainer:
         if state is not None:
             self.step = state.step
             self.sampler.load_state_dict(state.sampler)
+            reapply_schedule(self.engine.lr_scheduler, self.config.optim)
 
     def rollback(self, reason: str) -> int:
         """Reload the newest good checkpoint; the data sampler keeps going, so the batches
@@ -159,8 +213,10 @@ class Trainer:
         self.train_set = build_dataset(
             c.data.paths, c.data.weights, TRAIN_SPLIT, c.train.seq_len, c.train.seed
         )
-        self.val_set = build_dataset(
-            c.data.paths, c.data.weights, VAL_SPLIT, c.train.seq_len, c.train.seed
+        self.val_set = (  # a run that never evaluates may have an empty validation split
+            build_dataset(c.data.paths, c.data.weights, VAL_SPLIT, c.train.seq_len, c.train.seed)
+            if c.train.eval_interval > 0
+            else None
         )
         self.sampler = GlobalBatchSampler(
             len(self.train_set),
@@ -181,23 +237,18 @@ class Trainer:
         lr = self.engine.get_lr()[0]
         skipped_before = self.engine.skipped_steps
         beat = functools.partial(self.heartbeat.mark, self.step + 1)
-        beat(0, "start")
-        windows = self._windows(self.train_set, self.sampler.next_batch())
-        if self.pipelined:
-            beat(0, "pipeline")  # DeepSpeed's 1F1B schedule: forward, backward and step
-            loss = self.engine.train_batch(iter(_pairs(windows, self.resolved.micro_batch)))
-        else:
-            losses = []
-            for i, micro in enumerate(windows.split(self.resolved.micro_batch)):
-                beat(i, "forward")
-                micro_loss = self.engine(micro)
-                beat(i, "backward")
-                self.engine.backward(micro_loss)
-                beat(i, "step")
-                self.engine.step()
-                losses.append(micro_loss.detach().float())
-            loss = self.topology.mean_over_dp(torch.stack(losses).mean())
-        loss = loss.item()  # the mean over the global batch, on every rank
+        # The straggler report's phase marks (no-ops unless this step is measured).
+        timer = self.step_timer = self.stragglers.timer(self.step + 1)
+        with timer.running():
+            beat(0, "start")
+            with timer.phase("data"):
+                windows = self._windows(self.train_set, self.sampler.next_batch())
+            if self.pipelined:
+                beat(0, "pipeline")  # DeepSpeed's 1F1B schedule: forward, backward and step
+                loss = self.engine.train_batch(iter(_pairs(windows, self.resolved.micro_batch)))
+            else:
+                loss = self._accumulate(windows, beat, timer)
+            loss = loss.item()  # the mean over the global batch, on every rank
         if self.own_clipping is not None:
             grad_norm = self.own_clipping.finish_step()
         else:
@@ -225,7 +276,25 @@ class Trainer:
         router = getattr(self.engine.module, "moe_stats", None)
         if router is not None:
             metrics.update(router.collect(self.topology.groups.dp))
+        metrics.update(self.stragglers.gather(timer, self.step))
         return metrics
+
+    def _accumulate(self, windows: torch.Tensor, beat, timer: StepTimer) -> torch.Tensor:
+        """Forward, backward and step of every micro-batch; the loss averaged over DP."""
+        losses = []
+        for i, micro in enumerate(windows.split(self.resolved.micro_batch)):
+            beat(i, "forward")
+            with timer.phase("forward"):
+                micro_loss = self.engine(micro)
+            beat(i, "backward")
+            with timer.phase("backward"):
+                self.stragglers.delay(timer.step)
+                self.engine.backward(micro_loss)
+            beat(i, "step")
+            with timer.phase("step"):
+                self.engine.step()
+            losses.append(micro_loss.detach().float())
+        return self.topology.mean_over_dp(torch.stack(losses).mean())
 
     def _loss_scale(self) -> float | None:
         if self.config.precision.dtype != "fp16":
@@ -283,6 +352,7 @@ class Trainer:
                 "set checkpoint.resume=none or a new train.run_dir to train again"
             )
             self.metrics.close()
+            self.close()
             return RunSummary(self.step, math.nan, None, 0.0)
         log.info(
             "training %s on %d rank(s) [%s], global batch %d x %d tokens, %d steps",
@@ -320,6 +390,7 @@ class Trainer:
             f"validation loss {val_text}"
         )
         self.metrics.close()
+        self.close()  # the run's last write is done; an exception leaves it to the caller
         return summary
 
 
@@ -342,15 +413,20 @@ def _count_params(model: torch.nn.Module) -> str:
     return f"{count / 1e6:.1f}M parameters (this rank)"
 
 
-def train(config: Config) -> RunSummary:
-    """Check, bring up the ranks, train, tear down. The entry point of `scaletrain train`."""
-    resolved = check_config(config, env_world_size())
+def train(config: Config, checked: Checked | None = None) -> RunSummary:
+    """Check, bring up the ranks, train, tear down. The entry point of `scaletrain train`
+    (which runs `preflight` itself before importing this module: refusals stay cheap)."""
+    resolved = (checked or preflight(config, env_world_size())).resolved
     die_with_launcher()
     if config.train.deterministic:
         torch.set_num_threads(1)
         torch.use_deterministic_algorithms(True)
     topology = init_topology(resolved.dims, config.fault.collective_timeout_minutes)
     try:
-        return Trainer(config, topology, resolved).run()
+        trainer = Trainer(config, topology, resolved)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
         topology.destroy()

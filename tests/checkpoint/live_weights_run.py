@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from scaletrain.checkpoint.tools import merge_tp_slices
+from scaletrain.checkpoint.consolidate import merge_tp_slices
 from scaletrain.train.trainer import Trainer
 from tests.trainer_script import trainer_from_argv
 

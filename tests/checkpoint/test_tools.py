@@ -15,10 +15,9 @@ import torch
 from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 from safetensors.torch import load_file
 
+from scaletrain.checkpoint.consolidate import merge_tp_slices, split_tp
 from scaletrain.checkpoint.manifest import Manifest, describe_file, tag_for
-from scaletrain.checkpoint.tools import consolidate, merge_tp_slices, split_tp
 from scaletrain.cli import main
-from scaletrain.errors import ScaletrainError
 from tests.distributed import REPO, TINY, run_cli, torchrun
 
 SAVED_AT = "2026-01-02T03:04:05+0000"
@@ -172,22 +171,43 @@ def test_verify_names_the_first_bad_file(tmp_path: Path, capsys: pytest.CaptureF
     )
 
 
-def test_consolidate_refuses_pickles_from_outside_a_run(
+def test_consolidate_refuses_to_clobber_or_to_write_into_checkpoints(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    out = tmp_path / "m.safetensors"
-    outside = fake_checkpoint(tmp_path / "downloads", 4)  # has `latest`, not `checkpoints/`
-    done = run_cli("ckpt", "consolidate", str(outside), str(out))
-    assert (done.returncode, done.stdout) == (2, "")
-    assert done.stderr.splitlines() == [
-        f"{outside} is not inside a run's checkpoints/ folder and DeepSpeed's files are loaded "
-        "with pickle, which can run code; pass --allow-pickle if you trust it"
+    """Checked before anything is read: a `latest` pointer overwritten by safetensors bytes
+    broke `ckpt list` and resume; an unrelated file was silently replaced."""
+    root = tmp_path / "run" / "checkpoints"
+    folder = fake_checkpoint(root, 4)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    other_run = fake_checkpoint(tmp_path / "other" / "checkpoints", 2)
+    inside = [
+        (root / "latest", root),
+        (root / "model.safetensors", root),
+        (folder / "model.safetensors", folder),
+        (other_run / "rng" / "model.safetensors", other_run),
+        (root / ".staging" / "new" / "model.safetensors", root),
     ]
-    unpointed = fake_checkpoint(tmp_path / "checkpoints", 4)
-    (tmp_path / "checkpoints" / "latest").unlink()  # not a run's folder without its pointer
-    with pytest.raises(ScaletrainError, match="pass --allow-pickle if you trust it"):
-        consolidate(unpointed, out)
-    assert not out.exists()
+    for out, holder in inside:
+        code, lines, errors = ckpt(capsys, "consolidate", str(folder), str(out), "--force")
+        assert (code, lines) == (2, [])
+        assert errors == [
+            f"{out} is inside the checkpoint folder {holder}; write the consolidated file "
+            "somewhere else"
+        ]
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert not (root / ".staging").exists()
+
+    unrelated = tmp_path / "notes.txt"
+    unrelated.write_text("keep me")
+    code, _, errors = ckpt(capsys, "consolidate", str(folder), str(unrelated))
+    assert (code, errors) == (2, [f"{unrelated} exists; pass --force to replace it"])
+    assert unrelated.read_text() == "keep me"
+    existing = tmp_path / "out" / "model.safetensors"  # a folder as OUT: the default name in it
+    existing.parent.mkdir()
+    existing.write_text("keep me too")
+    code, _, errors = ckpt(capsys, "consolidate", str(folder), str(existing.parent))
+    assert (code, errors) == (2, [f"{existing} exists; pass --force to replace it"])
+    assert existing.read_text() == "keep me too"
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from scaletrain.data.format import FORMAT_VERSION
+
 # Valid for world sizes 1, 2 and 4 with tp 1 or 2: 4 heads, 2 kv heads, global batch 16.
 BASE_RUN = """\
 model:
@@ -43,12 +45,30 @@ data:
 DATA_VOCAB = 300
 
 
+def fake_metadata(vocab_size: int, tokens: int = 100_000) -> dict:
+    """A prepared data set's metadata.json as `config check` reads it (no shards behind it)."""
+
+    def split(name: str) -> dict:
+        index = f"{name}/index.npy"
+        return {"num_tokens": tokens, "num_documents": 10, "shards": [], "index_file": index}
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "dtype": "uint16",
+        "vocab_size": vocab_size,
+        "eos_id": 0,
+        "fingerprint": "fake",
+        "tokenizer_file": "tokenizer/tokenizer.json",
+        "splits": {"train": split("train"), "val": split("val")},
+    }
+
+
 @pytest.fixture
 def run_file(tmp_path: Path) -> Path:
     """tmp_path/run.yaml (the valid base) next to tmp_path/data/metadata.json (vocab 300)."""
     data = tmp_path / "data"
     data.mkdir()
-    (data / "metadata.json").write_text(json.dumps({"vocab_size": DATA_VOCAB}))
+    (data / "metadata.json").write_text(json.dumps(fake_metadata(DATA_VOCAB)))
     path = tmp_path / "run.yaml"
     path.write_text(BASE_RUN.format(tmp=tmp_path))
     return path

@@ -58,6 +58,30 @@ CASES = [
         expected="config error: --config: '{tmp}/broken.yaml' is not valid YAML at line 3",
     ),
     case(
+        "duplicate_key",
+        config="twice.yaml",
+        files={"twice.yaml": "optim:\n  lr: 1.0e-3\n  warmup_steps: 2\n  lr: 2.0e-3\n" + DATA},
+        expected="config error: --config: '{tmp}/twice.yaml': key 'lr' is given twice "
+        "(lines 2 and 4); keep one",
+    ),
+    case(
+        "duplicate_section",
+        config="twice.yaml",
+        files={"twice.yaml": "train:\n  steps: 5\n" + DATA + "train:\n  seed: 3\n"},
+        expected="config error: --config: '{tmp}/twice.yaml': key 'train' is given twice "
+        "(lines 1 and 5); keep one",
+    ),
+    case(
+        "duplicate_key_in_model_file",
+        config="composed.yaml",
+        files={
+            "composed.yaml": "model: twice-model.yaml\n" + DATA,
+            "twice-model.yaml": "hidden_size: 64\nnum_heads: 4\nhidden_size: 128\n",
+        },
+        expected="config error: model.base: '{tmp}/twice-model.yaml': key 'hidden_size' is given "
+        "twice (lines 1 and 3); keep one",
+    ),
+    case(
         "run_file_not_a_mapping",
         config="list.yaml",
         files={"list.yaml": "- train\n- data\n"},
@@ -677,7 +701,7 @@ SUBPROCESS_CASES = [
         "ffn_hidden_size, max_seq_len, rope_theta, norm_eps, tie_embeddings, init_std, "
         "num_experts, moe_top_k, moe_capacity_factor, moe_eval_capacity_factor, "
         "moe_min_capacity, moe_drop_tokens, moe_aux_loss_coeff, moe_z_loss_coeff, "
-        "moe_layer_freq, activation_checkpointing, activation_checkpointing_every",
+        "moe_layer_freq, activation_checkpointing, activation_checkpointing_every, init_from",
     ),
     case(
         "fp16_and_bf16",

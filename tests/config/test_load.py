@@ -44,7 +44,8 @@ def test_shipped_run_config_loads_and_checks(path: Path) -> None:
 
 
 def test_every_shipped_yaml_is_a_run_model_or_cluster_file() -> None:
-    assert set(ALL_YAML) == set(RUN_FILES) | set(MODEL_FILES) | set(CLUSTER_FILES)
+    hardware = {CONFIGS / "hardware.yaml"}  # the device table, loaded by tests/plan
+    assert set(ALL_YAML) == set(RUN_FILES) | set(MODEL_FILES) | set(CLUSTER_FILES) | hardware
 
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=_ids(CLUSTER_FILES))
@@ -166,6 +167,29 @@ def test_model_base_with_overrides(
     config = load_config(run, ["model.max_seq_len=128"])
     expected = {**_preset(repo_root, "tiny"), "num_layers": 8, "max_seq_len": 128}
     assert {name: getattr(config.model, name) for name in expected} == expected
+
+
+def test_model_base_on_the_command_line(
+    tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`model.base=` is the override of `model: {base: ...}`: a preset or a file, with the
+    file's and the command line's fields on top; `model: NAME` takes field overrides too."""
+    monkeypatch.chdir(repo_root)
+    run = tmp_path / "run.yaml"
+    run.write_text("model:\n  base: tiny\n  num_layers: 8\n")
+    small = _preset(repo_root, "small")
+    config = load_config(run, ["model.base=small", "model.max_seq_len=128"])
+    expected = {**small, "num_layers": 8, "max_seq_len": 128}
+    assert {name: getattr(config.model, name) for name in expected} == expected
+    (tmp_path / "wide.yaml").write_text("hidden_size: 512\nnum_heads: 8\n")
+    config = load_config(None, [f"model.base={tmp_path / 'wide.yaml'}", "model.num_heads=16"])
+    assert (config.model.hidden_size, config.model.num_heads) == (512, 16)
+    run.write_text("model: tiny\n")
+    config = load_config(run, ["model.num_layers=5"])
+    assert (config.model.hidden_size, config.model.num_layers) == (
+        _preset(repo_root, "tiny")["hidden_size"],
+        5,
+    )
 
 
 def test_model_file_next_to_runs_folder(tmp_path: Path) -> None:

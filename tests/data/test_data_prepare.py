@@ -22,6 +22,7 @@ from scaletrain.data import (
     load_tokenizer,
     prepare,
     prepare_dataset,
+    shards,
     stdlib_sources,
 )
 from scaletrain.data.format import token_dtype
@@ -138,6 +139,7 @@ def test_rerun_is_a_noop(
     first = prepare_dataset([corpus_dir], out, vocab_size=300, num_proc=1)
     meta = out / "metadata.json"
     mtime = meta.stat().st_mtime_ns
+    caplog.clear()  # the first prepare's lines, captured when an earlier test set INFO
     with caplog.at_level(logging.INFO, logger="scaletrain.data.prepare"):
         again = prepare_dataset([corpus_dir], out, vocab_size=300, num_proc=1)
     assert meta.stat().st_mtime_ns == mtime
@@ -195,7 +197,7 @@ def test_inputs_by_glob_and_errors(tmp_path: Path, write_docs: Callable[..., lis
         prepare_dataset([tmp_path / "src"], tmp_path / "out")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
-    with pytest.raises(ValueError, match=r"the 1 input files hold no text \(all empty\)"):
+    with pytest.raises(ValueError, match=r"the 1 input files hold no text \(all empty or skip"):
         prepare_dataset([tmp_path / "empty"], tmp_path / "out", vocab_size=260)
     with pytest.raises(ValueError, match="no 'body' field"):
         (tmp_path / "j.jsonl").write_text('{"text": "x"}\n')
@@ -222,7 +224,7 @@ def test_failed_prepare_leaves_no_complete_looking_folder(
     def boom(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare, "_commit", boom)
+    monkeypatch.setattr(shards, "commit", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset([corpus_dir], out, vocab_size=290, num_proc=1)
     # The old data set is untouched, the abandoned and the interrupted temp folders are gone.
@@ -241,7 +243,7 @@ def test_failed_prepare_leaves_no_complete_looking_folder(
                 raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(prepare.os, "replace", replace_then_die)
+    monkeypatch.setattr(shards.os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset([corpus_dir], out, vocab_size=290, num_proc=1)
     assert calls == ["tokenizer", "train"]

@@ -12,6 +12,7 @@ import pytest
 from scaletrain.cli import main
 from scaletrain.config import load_config
 from scaletrain.config.reference import field_docs
+from scaletrain.errors import ConfigError
 from scaletrain.launch.cluster import CLUSTERS_DIR, ClusterConfig, load_cluster
 from scaletrain.launch.slurm import render_job, write_job
 from tests.distributed import REPO
@@ -72,7 +73,7 @@ def test_gpu_cluster_script_matches_golden_and_passes_shellcheck(
         "#SBATCH --error=/shared/scaletrain/runs/qs/slurm/%x-%j.err",
         'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
-        f'  torchrun --nnodes="$SLURM_NNODES" --nproc-per-node={gpus} \\',
+        f'  python3 -m scaletrain.launch.agent --nnodes="$SLURM_NNODES" --nproc-per-node={gpus} \\',
         '  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" '
         '--rdzv-id="$SLURM_JOB_ID" \\',
         '  -m scaletrain train --config "$CONFIG" &',
@@ -133,6 +134,30 @@ def test_wrong_node_count_is_one_config_error_and_writes_nothing(
         "dp (8) = 16; use --nodes 2\n"
     )
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("nodes", ["0", "-3"])
+def test_nodes_below_one_is_refused_naming_nodes(
+    nodes: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    argv = ["launch", "slurm", "--config", str(QUICKSTART), "--cluster", "h100-ib-pyxis"]
+    code = main([*argv, "--nodes", nodes, "--dry-run", *COMMON, f"train.run_dir={run_dir}"])
+    assert (code, capsys.readouterr()) == (
+        2,
+        ("", f"config error: --nodes: must be >= 1, got {nodes}\n"),
+    )
+    assert not run_dir.exists()
+
+
+def test_cluster_file_with_a_key_twice_is_refused(tmp_path: Path) -> None:
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("partition: gpu\nnodes: 2\ngpus_per_node: 8\nnodes: 4\n")
+    with pytest.raises(ConfigError) as refused:
+        load_cluster(str(twice))
+    assert str(refused.value) == (
+        f"config error: --cluster: '{twice}': key 'nodes' is given twice (lines 2 and 4); keep one"
+    )
 
 
 def test_bad_cluster_values_are_one_line_errors() -> None:

@@ -21,7 +21,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from scaletrain.launch.outcome import MARKER
 from scaletrain.launch.status import scontrol_job
 from tests.distributed import REPO, TINY, rank_env, read_metrics, run_cli
 
@@ -139,13 +138,13 @@ def short_run(slurm_cluster: str, stdlib_data: Path, tmp_path_factory) -> tuple[
 
 
 def training_ranks(run_dir: Path) -> list[psutil.Process]:
-    """The ranks torchrun started for this run's job (children of its torchrun)."""
+    """The ranks the job's agent started (children of `python3 -m scaletrain.launch.agent`)."""
     config = str(run_dir / "slurm" / "config.yaml")
     launchers = [
         proc
         for proc in psutil.process_iter(["cmdline"])
         if config in (proc.info["cmdline"] or [])
-        and any("torchrun" in arg for arg in proc.info["cmdline"])
+        and "scaletrain.launch.agent" in proc.info["cmdline"]
     ]
     ranks = [child for launcher in launchers for child in launcher.children()]
     assert ranks, f"no ranks of {config} found"
@@ -196,7 +195,6 @@ def test_scancel_usr1_saves_requeues_and_resumes_exactly(
     assert 3 <= stopped < 30, stopped
     assert "resumed from" in job_err(run_dir, job_id)
     assert curve(read_metrics(run_dir)) == curve(want)
-    assert not (run_dir / MARKER).exists()
 
 
 def test_chain_of_two_jobs_completes_the_run(
@@ -284,12 +282,38 @@ def test_launch_local_forwards_signals_exits_75_and_resumes_exactly(
     stopped = stopped_step(output)
     assert 3 <= stopped < 30
     assert f"step_{stopped:08d}" == (tmp_path / "checkpoints" / "latest").read_text().strip()
-    assert (tmp_path / MARKER).is_file()
+    checkpoint = tmp_path / "checkpoints" / f"step_{stopped:08d}"
+    assert output.splitlines()[-1] == (
+        f"stopped after step {stopped} (signal SIGTERM); checkpoint {checkpoint} saved; "
+        "run the same command to resume"
+    )
 
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert curve(read_metrics(tmp_path)) == curve(want)
-    assert not (tmp_path / MARKER).exists()
+
+
+def test_a_job_whose_ranks_refuse_exits_2_with_their_line(
+    slurm_cluster: str, stdlib_data: Path, tmp_path: Path
+) -> None:
+    """The data exists only "on the cluster" for `launch slurm` (it skips reading it), and
+    not there either: the ranks refuse. The job's code is theirs and both logs end with it."""
+    run_dir = tmp_path / "refused"
+    missing = tmp_path / "nowhere"
+    (job_id,) = submit(
+        run_dir, stdlib_data, *SHORT, f"data.paths=[{missing}]", "model.vocab_size=512"
+    )
+    info = wait_done(job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0")
+    line = (
+        f"config error: data.paths[0]: '{missing}' has no metadata.json; run "
+        f"`scaletrain data prepare --output {missing} ...`"
+    )
+    log, err = job_log(run_dir, job_id).splitlines(), job_err(run_dir, job_id).splitlines()
+    assert log[-1] == line and err[-1] == line
+    assert log[-2].startswith(f"scaletrain: job {job_id} end: exit 2 (")
+    assert "Traceback" not in job_err(run_dir, job_id) and "requeue" not in "\n".join(log)
+    assert not (run_dir / "metrics.jsonl").exists()
 
 
 def _seconds(runtime: str) -> int:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.distributed import TINY, read_metrics, torchrun
+from tests.distributed import REPO, TINY, rank_env, read_metrics, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -88,10 +91,13 @@ def test_rollback_without_a_checkpoint_is_a_clear_error(stdlib_data: Path, tmp_p
 def test_a_hung_rank_is_named_and_the_collective_timeout_ends_the_run(
     stdlib_data: Path, tmp_path: Path
 ) -> None:
+    """Through `scaletrain.launch.agent` (what `launch local` and SLURM jobs start): exit 124
+    and, as the last line, the rank's own (torchrun would say 1)."""
     started = time.monotonic()
-    with pytest.raises(AssertionError) as failed:
-        torchrun(
-            2,
+    agent = [sys.executable, "-m", "scaletrain.launch.agent", "--standalone", "--nproc-per-node=2"]
+    done = subprocess.run(
+        [
+            *agent,
             "tests/train/fault_run.py",
             "--poison=hang",
             "--at=3",
@@ -102,10 +108,19 @@ def test_a_hung_rank_is_named_and_the_collective_timeout_ends_the_run(
             "train.eval_interval=0",
             "fault.heartbeat_seconds=2",
             "fault.collective_timeout_minutes=0.5",
-            timeout=240,
-        )
-    output = str(failed.value)
+        ],
+        cwd=REPO,
+        env=rank_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    output = done.stdout + done.stderr
     assert "waiting for rank(s) 1 (step 3, micro-batch 0, backward)" in output
     assert "no progress for" in output and "at step 3" in output
+    assert done.returncode == 124
+    last = done.stderr.rstrip("\n").splitlines()[-1]
+    hung = r"rank [01]: no progress for \d+s \(fault.collective_timeout_minutes\); exiting with 124"
+    assert re.fullmatch(hung, last), last
     assert time.monotonic() - started < 180  # the timeout, not the 1-hour sleep, ended it
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
+from scaletrain.checkpoint.consolidate import consolidate
 from scaletrain.checkpoint.convert import check_reshardable
 from scaletrain.checkpoint.manifest import Manifest
-from scaletrain.checkpoint.tools import consolidate
 from scaletrain.errors import ScaletrainError
 from tests.distributed import (
     TINY,
@@ -157,10 +159,13 @@ def test_ep2_killed_mid_run_resumes_exactly(
         "change layout (DeepSpeed's universal conversion does not read its per-expert files); "
         "resume it on the saved layout"
     )
-    # ...and consolidation into one safetensors file.
-    with pytest.raises(ScaletrainError) as refused:
-        consolidate(folder, tmp_path / "model.safetensors", allow_pickle=True)
-    assert str(refused.value) == (
-        f"{folder}: consolidating an MoE checkpoint is not supported (its experts are in "
-        "per-expert files that DeepSpeed's zero_to_fp32 does not read)"
-    )
+    # Consolidation reads the expert files: every global expert of every layer, as saved.
+    done = consolidate(folder, tmp_path / "model.safetensors")
+    weights = load_file(done.out)
+    for layer in range(LAYERS):
+        for e in range(EXPERTS):
+            name = f"blocks.{layer}.mlp.moe.deepspeed_moe.experts.deepspeed_experts.{e}.down.weight"
+            saved = torch.load(
+                folder / f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt", weights_only=True
+            )
+            assert torch.equal(weights[name], saved[name])

@@ -1,0 +1,1 @@
+"""Hugging Face interop: `export hf` (export.py, command.py) and `model.init_from` (imports.py)."""

@@ -1,0 +1,215 @@
+"""`scaletrain export hf`: a checkpoint as a Hugging Face folder that `transformers` loads offline.
+
+The weights come whole and fp32 from `scaletrain.checkpoint.consolidate` (any TP degree, DP
+size and ZeRO stage, fp32 or bf16 masters; every file read weights-only through `safe_load`),
+are renamed and cut by the family's split plan (`scaletrain.models.split_plan`), and written by
+transformers' own `save_pretrained` (safetensors shards of at most 5 GB with their index,
+config.json, generation_config.json) into a folder that is renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scaletrain.checkpoint.consolidate import consolidated_weights
+from scaletrain.checkpoint.manifest import MANIFEST, list_checkpoints, read_latest
+from scaletrain.checkpoint.tools import checkpoints_root
+from scaletrain.config.schema import ModelConfig
+from scaletrain.errors import ScaletrainError
+from scaletrain.models.registry import Family, family_of, saved_model_config
+from scaletrain.models.split_plan import to_hf
+
+MAX_SHARD = "5GB"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Exported:
+    out: Path
+    checkpoint: Path
+    architecture: str
+    parameters: int
+
+
+def find_checkpoint(path: Path) -> Path:
+    """`path` if it is a checkpoint folder, else the latest complete checkpoint of the run."""
+    if (path / MANIFEST).is_file():
+        return path
+    root = checkpoints_root(path)
+    tag = read_latest(root)
+    if tag and (root / tag / MANIFEST).is_file():
+        return root / tag
+    found = list_checkpoints(root)
+    if not found:
+        raise ScaletrainError(f"{path}: no complete checkpoint to export")
+    return found[-1]
+
+
+def hf_state_dict(
+    weights: dict[str, torch.Tensor], cfg: ModelConfig, family: Family
+) -> dict[str, torch.Tensor]:
+    """Our full weights under their Hugging Face (safetensors file) names."""
+    plan = family.split_plan(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for name, full in weights.items():
+        weight, index = plan.find(name)
+        names = weight.hf_names(**index)
+        for hf_name, tensor in zip(names, to_hf(weight.split, full, cfg, len(names)), strict=True):
+            out[hf_name] = tensor.contiguous()
+    return out
+
+
+def export_hf(
+    source: Path,
+    out: Path,
+    dtype: str = "fp32",
+    tokenizer: Path | None = None,
+    force: bool = False,
+) -> Exported:
+    """Write checkpoint (or run folder) `source` as a Hugging Face model folder `out`."""
+    if out.exists() and not force:
+        raise ScaletrainError(f"{out} exists; pass --force to replace it")
+    checkpoint = find_checkpoint(source)
+    manifest_cfg = _manifest_config(checkpoint)
+    cfg = saved_model_config(manifest_cfg)
+    family = family_of(cfg)
+    family.exportable(cfg, str(checkpoint))
+    tok_dir = tokenizer or _data_tokenizer(manifest_cfg)
+    cfg = replace(cfg, vocab_size=_real_vocab(cfg, manifest_cfg, tok_dir))
+    _, weights = consolidated_weights(checkpoint)
+    count = write_hf_folder(weights, cfg, out, dtype, tok_dir)
+    return Exported(out, checkpoint, family.hf_architecture, count)
+
+
+def write_hf_folder(
+    weights: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    out: Path,
+    dtype: str = "fp32",
+    tokenizer: Path | None = None,
+    max_shard_size: str = MAX_SHARD,
+) -> int:
+    """Write our full weights (whole-model names, real `cfg.vocab_size`) as an HF folder at
+    `out`, replacing it; returns the number of parameters written."""
+    family = family_of(cfg)
+    state = hf_state_dict(weights, cfg, family)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.{os.getpid()}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        _save(state, cfg, family, DTYPES[dtype], tokenizer, partial, max_shard_size)
+        _umask_modes(partial)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return sum(t.numel() for t in state.values())
+
+
+def _save(
+    state: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    family: Family,
+    dtype: torch.dtype,
+    tok_dir: Path | None,
+    out: Path,
+    max_shard_size: str,
+) -> None:
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**family.hf_config(cfg))
+    eos = bos = None
+    if tok_dir is not None:
+        bos, eos = _save_tokenizer(tok_dir, out)
+        config.eos_token_id, config.bos_token_id = eos, bos
+    # transformers' own loading (its conversion of file names to its in-memory layout, e.g.
+    # Mixtral's stacked experts) and saving (shards, index, config, generation config).
+    model_class = getattr(transformers, family.hf_architecture)
+    model, info = model_class.from_pretrained(
+        None,
+        config=config,
+        state_dict={k: v.to(dtype) for k, v in state.items()},
+        dtype=dtype,
+        output_loading_info=True,
+    )
+    missing = [
+        m for m in info["missing_keys"] if not (cfg.tie_embeddings and m == "lm_head.weight")
+    ]
+    if missing or info["unexpected_keys"] or info.get("mismatched_keys"):
+        raise ScaletrainError(
+            f"export: transformers did not take the weights (missing {missing[:3]}, "
+            f"unexpected {sorted(info['unexpected_keys'])[:3]}, "
+            f"mismatched {list(info.get('mismatched_keys') or [])[:3]})"
+        )
+    model.generation_config = transformers.GenerationConfig(bos_token_id=bos, eos_token_id=eos)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+
+
+def _umask_modes(folder: Path) -> None:
+    """Files as the user's umask makes them (safetensors writes 0600, unreadable to a group
+    that serves the model)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~mask)
+
+
+def _save_tokenizer(tok_dir: Path, out: Path) -> tuple[int, int]:
+    """The tokenizer as transformers' fast tokenizer files; returns (bos id, eos id)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from scaletrain.data.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(tok_dir)
+    backend = Tokenizer.from_str(ours.tokenizer.to_str())
+    backend.encode_special_tokens = False  # HF's usual behaviour: "<|endoftext|>" is eos
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=ours.eos_token,
+        bos_token=ours.eos_token,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(out)
+    return ours.eos_id, ours.eos_id
+
+
+def _manifest_config(checkpoint: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((checkpoint / MANIFEST).read_text()).get("config") or {}
+
+
+def _data_tokenizer(config: dict[str, Any]) -> Path | None:
+    """The tokenizer the run's first data set was prepared with, when that folder is here."""
+    from scaletrain.data.format import TOKENIZER_DIR
+
+    paths = (config.get("data") or {}).get("paths") or []
+    folder = Path(paths[0]) / TOKENIZER_DIR if paths else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def _real_vocab(cfg: ModelConfig, config: dict[str, Any], tok_dir: Path | None) -> int:
+    """The vocabulary without the padding rows: the config's, the data set's or the tokenizer's."""
+    if cfg.vocab_size:
+        return cfg.vocab_size
+    paths = (config.get("data") or {}).get("paths") or []
+    if paths and (Path(paths[0]) / "metadata.json").is_file():
+        from scaletrain.data.format import read_metadata
+
+        return read_metadata(paths[0]).vocab_size
+    if tok_dir is not None:
+        from scaletrain.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(tok_dir).vocab_size
+    raise ScaletrainError(
+        "export: the checkpoint's vocabulary size is unknown (model.vocab_size null, its data "
+        "set not found); pass --tokenizer DIR"
+    )

@@ -1,0 +1,45 @@
+"""Helpers for the Hugging Face tests: a world of one, and scaletrain's own logits of a set of
+full weights (the model a TP=1 rank builds, loaded with them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from scaletrain.config.schema import ModelConfig
+from scaletrain.models.gpt import GPT
+from scaletrain.models.parallel import TensorParallel
+from scaletrain.topology.dims import ParallelDims
+from scaletrain.topology.init import init_topology
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel() -> Iterator[TensorParallel]:
+    """TP of one rank, torn down (with the environment init_topology set) after the module."""
+    saved = dict(os.environ)
+    topology = init_topology(ParallelDims(tp=1, pp=1, dp=1))
+    try:
+        yield TensorParallel(1, topology.groups.tp)
+    finally:
+        topology.destroy()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def scaletrain_logits(
+    weights: dict[str, torch.Tensor], cfg: ModelConfig, tp: TensorParallel, tokens: torch.Tensor
+) -> torch.Tensor:
+    """Our model's logits over the real vocabulary (padding rows dropped), in eval mode."""
+    padded = weights["embedding.weight"].shape[0]
+    model = GPT(cfg, padded, tp).eval()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and all(m.endswith("_extra_state") for m in missing)
+    with torch.no_grad():
+        return model.logits(tokens)[..., : cfg.vocab_size]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
