@@ -16,3 +16,9 @@ class ConfigError(ScaletrainError):
         self.field = field
         self.message = message
         super().__init__(f"config error: {field}: {message}")
+
+
+def require_positive(value: float | int, path: str) -> None:
+    """The most common config rule, worded the same everywhere."""
+    if value <= 0:
+        raise ConfigError(path, f"must be > 0, got {value}")

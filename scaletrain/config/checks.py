@@ -11,11 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from scaletrain.config.moe import check_moe
 from scaletrain.config.precision import check_precision
 from scaletrain.config.schema import Config
-from scaletrain.errors import ConfigError
+from scaletrain.errors import ConfigError, require_positive
 from scaletrain.topology.dims import ParallelDims
 
 METADATA_FILE = "metadata.json"
@@ -49,7 +48,7 @@ def check_config(
     _check_model(config, dims)
     check_precision(config, ranks_here)
     micro, accum, global_batch = _check_batch(config, dims)  # before optim: it checks steps
-    _check_moe(config, dims)
+    check_moe(config, dims)
     _check_optim(config)
     _check_checkpoint(config)
     _check_fault(config)
@@ -127,31 +126,26 @@ def _check_fault(config: Config) -> None:
         raise ConfigError("fault.spike_zscore", f"must be >= 0 (0 disables), got {f.spike_zscore}")
     if f.spike_window < 2:
         raise ConfigError("fault.spike_window", f"must be >= 2 steps, got {f.spike_window}")
-    _positive(f.collective_timeout_minutes, "fault.collective_timeout_minutes")
+    require_positive(f.collective_timeout_minutes, "fault.collective_timeout_minutes")
     if f.heartbeat_seconds < 0:
         raise ConfigError(
             "fault.heartbeat_seconds", f"must be >= 0 (0 disables), got {f.heartbeat_seconds}"
         )
 
 
-def _positive(value: float | int, path: str) -> None:
-    if value <= 0:
-        raise ConfigError(path, f"must be > 0, got {value}")
-
-
 def _check_model(config: Config, dims: ParallelDims) -> None:
     m = config.model
     for name in ("hidden_size", "num_layers", "num_heads", "max_seq_len", "init_std"):
-        _positive(getattr(m, name), f"model.{name}")
-    _positive(m.make_vocab_size_divisible_by, "model.make_vocab_size_divisible_by")
-    _positive(m.norm_eps, "model.norm_eps")
-    _positive(m.rope_theta, "model.rope_theta")
+        require_positive(getattr(m, name), f"model.{name}")
+    require_positive(m.make_vocab_size_divisible_by, "model.make_vocab_size_divisible_by")
+    require_positive(m.norm_eps, "model.norm_eps")
+    require_positive(m.rope_theta, "model.rope_theta")
     if m.vocab_size is not None:
-        _positive(m.vocab_size, "model.vocab_size")
+        require_positive(m.vocab_size, "model.vocab_size")
     if m.num_kv_heads is not None:
-        _positive(m.num_kv_heads, "model.num_kv_heads")
+        require_positive(m.num_kv_heads, "model.num_kv_heads")
     if m.ffn_hidden_size is not None:
-        _positive(m.ffn_hidden_size, "model.ffn_hidden_size")
+        require_positive(m.ffn_hidden_size, "model.ffn_hidden_size")
     if m.activation_checkpointing_every < 1:
         raise ConfigError(
             "model.activation_checkpointing_every",
@@ -229,90 +223,9 @@ def _check_pipeline(config: Config, dims: ParallelDims) -> None:
         )
 
 
-def _check_moe(config: Config, dims: ParallelDims) -> None:
-    m, p = config.model, config.parallel
-    if m.num_experts < 0:
-        raise ConfigError("model.num_experts", f"must be >= 0 (0 = dense), got {m.num_experts}")
-    if m.num_experts == 0:
-        if dims.ep > 1:
-            raise ConfigError(
-                "parallel.ep",
-                f"({dims.ep}) splits experts, but the model is dense; set model.num_experts "
-                "or ep=1",
-            )
-        return
-    if m.moe_top_k not in (1, 2):
-        raise ConfigError(
-            "model.moe_top_k", f"must be 1 or 2 (DeepSpeed's MoE gates), got {m.moe_top_k}"
-        )
-    if m.moe_top_k > m.num_experts:
-        raise ConfigError(
-            "model.moe_top_k",
-            f"({m.moe_top_k}) exceeds model.num_experts ({m.num_experts})",
-        )
-    _positive(m.moe_capacity_factor, "model.moe_capacity_factor")
-    _positive(m.moe_eval_capacity_factor, "model.moe_eval_capacity_factor")
-    _positive(m.moe_layer_freq, "model.moe_layer_freq")
-    for name in ("moe_min_capacity", "moe_aux_loss_coeff", "moe_z_loss_coeff"):
-        if getattr(m, name) < 0:
-            raise ConfigError(f"model.{name}", f"must be >= 0, got {getattr(m, name)}")
-    if m.num_experts % dims.ep:
-        raise ConfigError(
-            "model.num_experts",
-            f"({m.num_experts}) must be divisible by parallel.ep ({dims.ep})",
-        )
-    if p.zero_stage == 3:
-        raise ConfigError(
-            "parallel.zero_stage",
-            "(3) is refused by DeepSpeed's native MoE layer (it cannot partition expert "
-            "parameters over the expert-data-parallel group); use zero_stage 1 or 2",
-        )
-    if dims.pp > 1:
-        raise ConfigError(
-            "parallel.pp",
-            f"({dims.pp}) cannot run MoE: DeepSpeed's pipeline engine back-propagates only each "
-            "stage's output, so the load-balancing loss of earlier stages would be lost; use pp=1",
-        )
-    tokens = config.train.micro_batch * config.train.seq_len
-    if m.moe_top_k == 1 and m.moe_min_capacity > tokens:
-        raise ConfigError(
-            "model.moe_min_capacity",
-            f"({m.moe_min_capacity}) exceeds the tokens of a micro-batch ({tokens}, "
-            "micro_batch * seq_len), which DeepSpeed's top-1 gate refuses; lower it",
-        )
-    if dims.tp == 1:
-        return
-    if not m.moe_drop_tokens:
-        raise ConfigError(
-            "model.moe_drop_tokens",
-            f"false needs parallel.tp=1: with tp ({dims.tp}) DeepSpeed splits each expert's "
-            "token slots over the TP ranks but does not round a no-drop capacity up to a "
-            "multiple of tp; set it true with moe_capacity_factor >= num_experts / moe_top_k "
-            f"({m.num_experts / m.moe_top_k:g}) to drop nothing",
-        )
-    for name in ("moe_capacity_factor", "moe_eval_capacity_factor"):
-        slots = expert_capacity(
-            tokens, m.num_experts, getattr(m, name), m.moe_top_k, m.moe_min_capacity
-        )
-        if slots % dims.tp:
-            raise ConfigError(
-                f"model.{name}",
-                f"gives an expert capacity of {slots} tokens per micro-batch, which DeepSpeed "
-                f"must split evenly over parallel.tp ({dims.tp}); change it, moe_min_capacity "
-                "or micro_batch * seq_len",
-            )
-
-
-def expert_capacity(tokens: int, experts: int, factor: float, top_k: int, minimum: int) -> int:
-    """Token slots per expert per micro-batch in drop mode, computed as DeepSpeed's gate does
-    (`ceil(tokens / experts * factor * top_k)` in float32, at least `minimum`)."""
-    slots = np.ceil(np.float32(tokens / experts) * np.float32(factor * top_k))
-    return max(int(slots), minimum)
-
-
 def _check_optim(config: Config) -> None:
     o, t = config.optim, config.train
-    _positive(o.lr, "optim.lr")
+    require_positive(o.lr, "optim.lr")
     if not 0 <= o.min_lr <= o.lr:
         raise ConfigError("optim.min_lr", f"({o.min_lr}) must be in [0, optim.lr ({o.lr})]")
     if o.warmup_steps < 0 or o.warmup_steps > t.steps:
@@ -326,7 +239,7 @@ def _check_optim(config: Config) -> None:
         value = getattr(o, name)
         if not 0 <= value < 1:
             raise ConfigError(f"optim.{name}", f"must be in [0, 1), got {value}")
-    _positive(o.eps, "optim.eps")
+    require_positive(o.eps, "optim.eps")
     if o.grad_clip < 0:
         raise ConfigError("optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
 
@@ -334,7 +247,7 @@ def _check_optim(config: Config) -> None:
 def _check_batch(config: Config, dims: ParallelDims) -> tuple[int, int, int]:
     t = config.train
     for name in ("micro_batch", "seq_len", "steps", "eval_batches"):
-        _positive(getattr(t, name), f"train.{name}")
+        require_positive(getattr(t, name), f"train.{name}")
     if t.eval_interval < 0:
         raise ConfigError(
             "train.eval_interval", f"must be >= 0 (0 disables), got {t.eval_interval}"
@@ -343,9 +256,9 @@ def _check_batch(config: Config, dims: ParallelDims) -> tuple[int, int, int]:
         raise ConfigError("train.seed", f"must be in [0, 2**32), got {t.seed}")
     if not t.run_dir:
         raise ConfigError("train.run_dir", "must not be empty")
-    _positive(config.logging.interval, "logging.interval")
+    require_positive(config.logging.interval, "logging.interval")
     if config.logging.peak_tflops is not None:
-        _positive(config.logging.peak_tflops, "logging.peak_tflops")
+        require_positive(config.logging.peak_tflops, "logging.peak_tflops")
     if config.logging.straggler_interval < 0:
         raise ConfigError(
             "logging.straggler_interval",
@@ -359,9 +272,9 @@ def _check_batch(config: Config, dims: ParallelDims) -> tuple[int, int, int]:
         )
     per_step = t.micro_batch * dims.dp
     if t.grad_accum is not None:
-        _positive(t.grad_accum, "train.grad_accum")
+        require_positive(t.grad_accum, "train.grad_accum")
     if t.global_batch is not None:
-        _positive(t.global_batch, "train.global_batch")
+        require_positive(t.global_batch, "train.global_batch")
         if t.global_batch % per_step:
             raise ConfigError(
                 "train.global_batch",

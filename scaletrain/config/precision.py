@@ -8,12 +8,7 @@ The same question asked here turns that into one line before any process starts.
 from __future__ import annotations
 
 from scaletrain.config.schema import Config
-from scaletrain.errors import ConfigError
-
-
-def _positive(value: float | int, path: str) -> None:
-    if value <= 0:
-        raise ConfigError(path, f"must be > 0, got {value}")
+from scaletrain.errors import ConfigError, require_positive
 
 
 def cpu_lacks_fp16() -> bool:
@@ -38,9 +33,9 @@ def check_precision(config: Config, ranks_here: bool = True) -> None:
         raise ConfigError(
             "precision.initial_scale_power", f"must be in 0..32, got {p.initial_scale_power}"
         )
-    _positive(p.loss_scale_window, "precision.loss_scale_window")
-    _positive(p.hysteresis, "precision.hysteresis")
-    _positive(p.min_loss_scale, "precision.min_loss_scale")
+    require_positive(p.loss_scale_window, "precision.loss_scale_window")
+    require_positive(p.hysteresis, "precision.hysteresis")
+    require_positive(p.min_loss_scale, "precision.min_loss_scale")
     if p.dtype != "fp16" and p.loss_scale > 0:
         raise ConfigError(
             "precision.loss_scale",

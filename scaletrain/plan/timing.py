@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scaletrain.config.checks import Resolved, expert_capacity
+from scaletrain.config.checks import Resolved
+from scaletrain.config.moe import expert_capacity
 from scaletrain.config.schema import Config
 from scaletrain.plan.flops import flops_per_token
 from scaletrain.plan.hardware import Hardware

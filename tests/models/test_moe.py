@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from scaletrain.config.checks import expert_capacity
+from scaletrain.config.moe import expert_capacity
 from scaletrain.config.schema import ModelConfig
 from scaletrain.models.gpt import GPT
 from scaletrain.models.moe import ExpertParallel, MoEMLP, RouterStats, moe_blocks
