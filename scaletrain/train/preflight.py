@@ -25,7 +25,7 @@ from scaletrain.config.checks import Resolved, check_config
 from scaletrain.config.schema import Config
 from scaletrain.data.format import read_metadata
 from scaletrain.errors import ConfigError, ScaletrainError
-from scaletrain.train.run_dir import probe_holder
+from scaletrain.train.run_dir import locked_folders, probe_holder
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,10 @@ def preflight_launch(config: Config, nproc: int) -> Checked:
     """`launch local`, before torchrun starts: the checks of every rank, and whether another
     live run holds the run directory (read only; rank 0 takes the lock itself)."""
     checked = preflight(config, nproc)
-    problem = probe_holder(Path(config.train.run_dir))
-    if problem:
-        raise ScaletrainError(problem)
+    for field, folder in locked_folders(config).items():
+        problem = probe_holder(folder, field)
+        if problem:
+            raise ScaletrainError(problem)
     return checked
 
 

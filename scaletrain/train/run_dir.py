@@ -32,6 +32,7 @@ from pathlib import Path
 
 import psutil
 
+from scaletrain.config.schema import Config
 from scaletrain.errors import ScaletrainError
 from scaletrain.logs import get_logger
 
@@ -110,19 +111,20 @@ def verdict(record: Holder | None, me: Holder, now: float) -> tuple[bool, str | 
     return True, f"the holder record ({record.describe()}) is {age:.0f}s old; taking over"
 
 
-def refusal(run_dir: Path, holder: Holder | None) -> str:
+def refusal(run_dir: Path, holder: Holder | None, field: str = "train.run_dir") -> str:
     who = holder.describe() if holder else "a process that has not written owner.json yet"
     return (
-        f"train.run_dir: {run_dir} is in use by another run ({who}); stop that run first, or "
-        f"use another train.run_dir"
+        f"{field}: {run_dir} is in use by another run ({who}); stop that run first, or "
+        f"use another {field}"
     )
 
 
 class RunLock:
     """Rank 0's ownership of a run directory: `acquire()` ... `release()`."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, field: str = "train.run_dir") -> None:
         self.run_dir = Path(run_dir)
+        self.field = field  # the config field that named the folder, for the refusal
         self._fd: int | None = None
         self._me: Holder | None = None
         self._stop = threading.Event()
@@ -133,19 +135,19 @@ class RunLock:
         me = Holder.me()
         record = read_holder(self.run_dir)
         if not verdict(record, me, time.time())[0]:  # before creating anything
-            raise ScaletrainError(refusal(self.run_dir, record))
+            raise ScaletrainError(refusal(self.run_dir, record, self.field))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         if not _flock(fd, self.run_dir):
             os.close(fd)
-            raise ScaletrainError(refusal(self.run_dir, read_holder(self.run_dir)))
+            raise ScaletrainError(refusal(self.run_dir, read_holder(self.run_dir), self.field))
         record = read_holder(self.run_dir)  # again: it may have been written meanwhile
         allowed, warning = verdict(record, me, time.time())
         if not allowed:
             os.close(fd)  # the flock was a no-op here, or the holder is on another node
-            raise ScaletrainError(refusal(self.run_dir, record))
+            raise ScaletrainError(refusal(self.run_dir, record, self.field))
         if warning:
-            log.warning("train.run_dir %s: %s", self.run_dir, warning)
+            log.warning("%s %s: %s", self.field, self.run_dir, warning)
         self._fd, self._me = fd, me
         self._write(me)
         self._refresher = threading.Thread(target=self._refresh, name="run-lock", daemon=True)
@@ -184,18 +186,27 @@ class RunLock:
         self._fd = None
 
 
-def own_run_dir(run_dir: str | Path, rank: int, world_size: int) -> RunLock | None:
-    """Collective: global rank 0 takes the lock, every rank learns the outcome before any of
-    them writes; a refused run raises the same one line on every rank (exit 2)."""
-    lock = RunLock(run_dir) if rank == 0 else None
+def own_run_dir(folders: dict[str, Path], rank: int, world_size: int) -> list[RunLock]:
+    """Collective: global rank 0 locks every folder the run writes (config field -> folder:
+    the run directory, and a `checkpoint.dir` outside it), every rank learns the outcome
+    before any of them writes; a refused run raises the same one line on every rank (exit 2)
+    and holds none of the locks."""
+    locks: list[RunLock] = []
     problem = None
-    if lock is not None:
+    for field, folder in folders.items() if rank == 0 else ():
+        lock = RunLock(folder, field)
         try:
             lock.acquire()
         except ScaletrainError as err:
             problem = str(err)
         except OSError as err:  # the others must not wait for a rank 0 that gave up
-            problem = f"train.run_dir: cannot lock {run_dir} ({err}); choose a writable folder"
+            problem = f"{field}: cannot lock {folder} ({err}); choose a writable folder"
+        if problem:
+            for taken in locks:
+                taken.release()
+            locks = []
+            break
+        locks.append(lock)
     if world_size > 1:
         import torch.distributed as dist
 
@@ -204,7 +215,17 @@ def own_run_dir(run_dir: str | Path, rank: int, world_size: int) -> RunLock | No
         problem = box[0]
     if problem:
         raise ScaletrainError(problem)
-    return lock
+    return locks
+
+
+def locked_folders(config: Config) -> dict[str, Path]:
+    """What a run owns: its run directory, and its checkpoint folder when that lies outside."""
+    run_dir = Path(config.train.run_dir)
+    folders = {"train.run_dir": run_dir}
+    ckpt = config.checkpoint.dir
+    if ckpt and not Path(ckpt).resolve().is_relative_to(run_dir.resolve()):
+        folders["checkpoint.dir"] = Path(ckpt)
+    return folders
 
 
 def _flock(fd: int, run_dir: Path) -> bool:
@@ -220,7 +241,7 @@ def _flock(fd: int, run_dir: Path) -> bool:
     return True
 
 
-def probe_holder(run_dir: Path) -> str | None:
+def probe_holder(run_dir: Path, field: str = "train.run_dir") -> str | None:
     """For launchers, before any rank starts: the refusal a run would get now, or None.
     Only reads (a lock file that does not exist yet is not created)."""
     lock = run_dir / LOCK_FILE
@@ -229,9 +250,9 @@ def probe_holder(run_dir: Path) -> str | None:
     fd = os.open(lock, os.O_RDONLY)
     try:
         if not _flock(fd, run_dir):
-            return refusal(run_dir, read_holder(run_dir))
+            return refusal(run_dir, read_holder(run_dir), field)
         record = read_holder(run_dir)
         allowed, _ = verdict(record, Holder.me(), time.time())
-        return None if allowed else refusal(run_dir, record)
+        return None if allowed else refusal(run_dir, record, field)
     finally:
         os.close(fd)  # drops the probe's flock

@@ -38,7 +38,7 @@ from scaletrain.plan.flops import flops_per_token
 from scaletrain.topology.init import Topology, env_world_size, init_topology, seed_everything
 from scaletrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes
 from scaletrain.train.preflight import Checked, preflight
-from scaletrain.train.run_dir import own_run_dir
+from scaletrain.train.run_dir import locked_folders, own_run_dir
 from scaletrain.train.schedule import reapply_schedule
 from scaletrain.train.straggler import StepTimer, StragglerReport
 
@@ -63,8 +63,8 @@ class Trainer:
     def __init__(self, config: Config, topology: Topology, resolved: Resolved) -> None:
         self.config, self.topology, self.resolved = config, topology, resolved
         self.run_dir = Path(config.train.run_dir)
-        # Before anything is written: one run per run directory (rank 0 holds the lock).
-        self.lock = own_run_dir(self.run_dir, topology.rank, topology.world_size)
+        # Before anything is written: one run per run directory (rank 0 holds the locks).
+        self.locks = own_run_dir(locked_folders(config), topology.rank, topology.world_size)
         try:
             self._setup()
         except BaseException:
@@ -136,8 +136,8 @@ class Trainer:
 
     def close(self) -> None:
         """Give up the run directory (also done by the kernel when the process dies)."""
-        if self.lock is not None:
-            self.lock.release()
+        for lock in self.locks:
+            lock.release()
 
     def _build_model(self) -> torch.nn.Module:
         """The model of this config (its family's), or this rank's pipeline stage of it."""

@@ -111,6 +111,45 @@ def test_a_live_holder_refuses_a_second_run_and_a_kill_9_does_not_block_the_rest
     assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]  # the record went with it
 
 
+def test_a_checkpoint_dir_outside_the_run_dir_is_owned_too(
+    stdlib_data: Path, tmp_path: Path
+) -> None:
+    """Two runs with their own run directories but one `checkpoint.dir` would mix their
+    checkpoints: the second is refused, naming checkpoint.dir, and keeps no lock of its own."""
+    from scaletrain.config import load_config
+    from scaletrain.train.run_dir import locked_folders, own_run_dir
+
+    shared, run = tmp_path / "shared-checkpoints", tmp_path / "run"
+    overrides = [f"data.paths=[{stdlib_data}]", f"train.run_dir={run}"]
+    config = load_config(TINY, [*overrides, f"checkpoint.dir={shared}"])
+    assert locked_folders(config) == {"train.run_dir": run, "checkpoint.dir": shared}
+    inside = load_config(TINY, [*overrides, f"checkpoint.dir={run / 'ckpt'}"])
+    assert locked_folders(inside) == {"train.run_dir": run}  # the run directory's lock covers it
+
+    holder_proc = start_holder(shared)
+    try:
+        record = read_holder(shared)
+        assert record is not None
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.since))
+        line = (
+            f"checkpoint.dir: {shared} is in use by another run (host {record.host}, pid "
+            f"{record.pid}, since {since}); stop that run first, or use another checkpoint.dir"
+        )
+        with pytest.raises(ScaletrainError) as refused:
+            own_run_dir(locked_folders(config), rank=0, world_size=1)
+        assert str(refused.value) == line
+        assert read_holder(run) is None  # the run directory's lock was given back
+        launch = ("launch", "local", "--nproc", "2", "--config", str(TINY), *overrides)
+        assert cli(*launch, f"checkpoint.dir={shared}") == (2, [line])
+    finally:
+        holder_proc.send_signal(signal.SIGKILL)
+        holder_proc.wait()
+    locks = own_run_dir(locked_folders(config), rank=0, world_size=1)  # the holder is gone
+    assert [lock.field for lock in locks] == ["train.run_dir", "checkpoint.dir"]
+    for lock in locks:
+        lock.release()
+
+
 @pytest.fixture
 def sleeper() -> psutil.Process:
     """A live process of this host to name in a holder record."""
