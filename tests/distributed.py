@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,10 @@ def rank_pids(proc: subprocess.Popen) -> list[int]:
 
 def launcher_log(run_dir: Path) -> str:
     return (run_dir / "launcher.log").read_text()
+
+
+def printed_by_ranks(stderr: str, line: str) -> int:
+    """How many ranks printed `line` under plain torchrun: the ranks share one pipe, so a line
+    may run into another rank's output, and torchrun's own failure summary quotes it again
+    after `traceback : ` (not counted)."""
+    return len(re.findall(rf"(?<!traceback : ){re.escape(line)}", stderr))

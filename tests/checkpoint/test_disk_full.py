@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from scaletrain.checkpoint.manifest import Manifest, check_file
-from tests.distributed import REPO, TINY, rank_env, read_metrics, torchrun_command
+from tests.distributed import (
+    REPO,
+    TINY,
+    printed_by_ranks,
+    rank_env,
+    read_metrics,
+    torchrun_command,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +66,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(
         "free space or set checkpoint.dir"
     )
     assert done.returncode == 1  # torchrun's code; the ranks exit 1 ("other": a crash)
-    assert done.stderr.splitlines().count(line) == 2, done.stderr[-3000:]  # both ranks
+    assert printed_by_ranks(done.stderr, line) == 2, done.stderr[-3000:]  # both ranks
     assert int(free.replace(",", "")) < step2.total_bytes
     warnings = [ln.split(" WARNING ", 1)[1] for ln in done.stderr.splitlines() if " WARNING " in ln]
     assert warnings == [

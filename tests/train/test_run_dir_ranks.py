@@ -12,7 +12,14 @@ import pytest
 from scaletrain.config import load_config
 from scaletrain.train.run_dir import RunLock, read_holder
 from scaletrain.train.schedule import lr_at
-from tests.distributed import REPO, TINY, rank_env, read_metrics, torchrun_command
+from tests.distributed import (
+    REPO,
+    TINY,
+    printed_by_ranks,
+    rank_env,
+    read_metrics,
+    torchrun_command,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +62,7 @@ def test_refusals_on_every_rank_and_a_resume_with_a_new_schedule(
             "run first, or use another train.run_dir"
         )
         assert done.returncode == 1  # torchrun's code for failed workers; each rank exits 2
-        assert done.stderr.count(line) == 2, done.stderr[-3000:]  # two ranks share one pipe
+        assert printed_by_ranks(done.stderr, line) == 2, done.stderr[-3000:]
         assert snapshot(run) == before
     finally:
         holder.release()
@@ -69,7 +76,7 @@ def test_refusals_on_every_rank_and_a_resume_with_a_new_schedule(
         "checkpoint.load_weights_only=true for a deliberate change of the training setup"
     )
     assert done.returncode == 1
-    assert done.stderr.count(line) == 2, done.stderr[-3000:]  # two ranks share one pipe
+    assert printed_by_ranks(done.stderr, line) == 2, done.stderr[-3000:]
     assert "deepspeed" not in done.stderr.lower()  # it never got that far
     assert snapshot(run) == before
 
