@@ -77,6 +77,10 @@ def test_ctrl_c_during_tokenizer_training_is_not_held_up(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(tokenizing, "train_tokenizer", slow_training)
     pieces = datasets.Dataset.from_dict({"text": ["a b"], "doc_end": [True], "unbroken": [False]})
+    # As in a fresh `scaletrain data prepare`: Python's Ctrl-C handler, SIGINT not blocked
+    # (an earlier test of this process may have changed either).
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
@@ -85,3 +89,5 @@ def test_ctrl_c_during_tokenizer_training_is_not_held_up(monkeypatch: pytest.Mon
         assert not finished.is_set()  # the interrupt came while training still ran
     finally:
         release.set()
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
