@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,12 +51,10 @@ def record_exit(code: int, message: str) -> None:
     data = {"message": line, "timestamp": int(now), KEY: {"code": code, "rank": rank, "time": now}}
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    try:
+    with suppress(OSError):  # the exit status still says it
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(data))
         os.replace(tmp, target)
-    except OSError:
-        pass
 
 
 @contextmanager

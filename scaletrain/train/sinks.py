@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,14 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
-class MetricsSink:
+class MetricsSink(ABC):
     """One destination of step metrics."""
 
+    @abstractmethod
     def log(self, metrics: dict[str, Any]) -> None:
         """Record one step's metrics (`metrics["step"]` is the step)."""
-        raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a sink with nothing to flush keeps this no-op)
         """Flush and release; called once, also when the run stops early."""
 
 
