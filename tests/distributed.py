@@ -56,6 +56,22 @@ def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.Complet
     return done
 
 
+def train_unchecked(
+    nproc: int, run_dir: Path, data: Path, *overrides: str
+) -> subprocess.CompletedProcess:
+    """The tiny config on `nproc` ranks under plain torchrun, whatever their exit (tests of
+    refusals and failures read the code and the output themselves)."""
+    config = ("--config", str(TINY), f"data.paths=[{data}]", f"train.run_dir={run_dir}")
+    return subprocess.run(
+        torchrun_command(nproc, "-m", "scaletrain", "train", *config, *overrides),
+        cwd=REPO,
+        env=rank_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]

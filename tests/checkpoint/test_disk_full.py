@@ -15,27 +15,12 @@ import pytest
 
 from scaletrain.checkpoint.manifest import Manifest, check_file
 from tests.distributed import (
-    REPO,
-    TINY,
     printed_by_ranks,
-    rank_env,
     read_metrics,
-    torchrun_command,
+    train_unchecked,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def ranks(run: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess:
-    words = ("--config", str(TINY), f"data.paths=[{data}]", f"train.run_dir={run}", *overrides)
-    return subprocess.run(
-        torchrun_command(2, "-m", "scaletrain", "train", *words),
-        cwd=REPO,
-        env=rank_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture
@@ -53,7 +38,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(
 ) -> None:
     run = small_fs / "run"
     overrides = ("train.steps=4", "checkpoint.interval=2")
-    done = ranks(run, stdlib_data, *overrides)
+    done = train_unchecked(2, run, stdlib_data, *overrides)
     root = run / "checkpoints"
     step2 = Manifest.read(root / "step_00000002")
     assert step2 is not None
@@ -81,7 +66,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(
     assert [m["step"] for m in logged] == [1, 2, 3, 4]  # step 4 ran; its save failed
 
     subprocess.run(["mount", "-o", "remount,size=8m", str(small_fs)], check=True)
-    done = ranks(run, stdlib_data, *overrides)
+    done = train_unchecked(2, run, stdlib_data, *overrides)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = read_metrics(run)
     assert [(m["step"], m["loss"]) for m in resumed] == [(m["step"], m["loss"]) for m in logged]

@@ -4,7 +4,6 @@ schedule's learning rate and one warning."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,10 @@ from scaletrain.config import load_config
 from scaletrain.train.run_dir import RunLock, read_holder
 from scaletrain.train.schedule import lr_at
 from tests.distributed import (
-    REPO,
     TINY,
     printed_by_ranks,
-    rank_env,
     read_metrics,
-    torchrun_command,
+    train_unchecked,
 )
 
 pytestmark = pytest.mark.slow
@@ -28,24 +25,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def ranks(run: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """`torchrun` of two `scaletrain train` ranks, whatever their exit."""
-    words = ("--config", str(TINY), f"data.paths=[{data}]", f"train.run_dir={run}", *overrides)
-    return subprocess.run(
-        torchrun_command(2, "-m", "scaletrain", "train", *words),
-        cwd=REPO,
-        env=rank_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_refusals_on_every_rank_and_a_resume_with_a_new_schedule(
     stdlib_data: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    first = ranks(run, stdlib_data, "train.steps=4", "checkpoint.interval=2")
+    first = train_unchecked(2, run, stdlib_data, "train.steps=4", "checkpoint.interval=2")
     assert first.returncode == 0, first.stderr[-3000:]
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]
 
@@ -56,7 +40,7 @@ def test_refusals_on_every_rank_and_a_resume_with_a_new_schedule(
         record = read_holder(run)
         assert record is not None
         before = snapshot(run)
-        done = ranks(run, stdlib_data, "train.steps=6")
+        done = train_unchecked(2, run, stdlib_data, "train.steps=6")
         line = (
             f"train.run_dir: {run} is in use by another run ({record.describe()}); stop that "
             "run first, or use another train.run_dir"
@@ -69,7 +53,7 @@ def test_refusals_on_every_rank_and_a_resume_with_a_new_schedule(
 
     # A resume that cannot continue: refused on both ranks before DeepSpeed is imported.
     before = snapshot(run)
-    done = ranks(run, stdlib_data, "model.num_heads=2")
+    done = train_unchecked(2, run, stdlib_data, "model.num_heads=2")
     line = (
         f"resume: cannot continue {run}/checkpoints/step_00000004: it was saved by another setup "
         "(model.num_heads 4 -> 2); use a new train.run_dir, checkpoint.resume=none, or "
@@ -83,7 +67,7 @@ def test_refusals_on_every_rank_and_a_resume_with_a_new_schedule(
     # train.steps 4 -> 6 is allowed: step 5 follows the new schedule, said once.
     old_metrics = (run / "metrics.jsonl").read_text().splitlines()
     old_config = (run / "config.step_0.yaml").read_bytes()
-    done = ranks(run, stdlib_data, "train.steps=6")
+    done = train_unchecked(2, run, stdlib_data, "train.steps=6")
     assert done.returncode == 0, done.stderr[-3000:]
     config = load_config(TINY, ["train.steps=6"])
     lr_old = lr_at(4, config.optim, 4)
