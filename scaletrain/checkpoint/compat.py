@@ -71,14 +71,8 @@ def run_identity(
     """The manifest's `identity`: field path -> value, for every field a resume compares."""
     m, t = config.model, config.train
     identity: dict[str, Any] = {
-        "model.hidden_size": m.hidden_size,
-        "model.num_layers": m.num_layers,
-        "model.num_heads": m.num_heads,
-        "model.num_kv_heads": m.kv_heads,
-        "model.ffn_hidden_size": m.ffn_size,
-        "model.num_experts": m.num_experts,
+        **_shape_fields(config),
         "model.moe_layer_freq": m.moe_layer_freq if m.num_experts else None,
-        "model.tie_embeddings": m.tie_embeddings,
         "model.padded_vocab_size": resolved.padded_vocab_size,
         "tokenizer": data[0].tokenizer if data else None,
         "train.seq_len": t.seq_len,
@@ -102,15 +96,9 @@ def saved_identity(manifest: Manifest) -> dict[str, Any]:
         config = from_dict(manifest.data.get("config") or {})
     except ConfigError:
         return {}
-    m, t = config.model, config.train
+    t = config.train
     old = {
-        "model.hidden_size": m.hidden_size,
-        "model.num_layers": m.num_layers,
-        "model.num_heads": m.num_heads,
-        "model.num_kv_heads": m.kv_heads,
-        "model.ffn_hidden_size": m.ffn_size,
-        "model.num_experts": m.num_experts,
-        "model.tie_embeddings": m.tie_embeddings,
+        **_shape_fields(config),
         "train.seq_len": t.seq_len,
         "train.seed": t.seed,
         "precision.dtype": config.precision.dtype,
@@ -118,6 +106,20 @@ def saved_identity(manifest: Manifest) -> dict[str, Any]:
     if t.global_batch is not None:
         old["train.global_batch"] = t.global_batch
     return old
+
+
+def _shape_fields(config: Config) -> dict[str, Any]:
+    """The model fields that fix the weights' shapes (every manifest's config tells them)."""
+    m = config.model
+    return {
+        "model.hidden_size": m.hidden_size,
+        "model.num_layers": m.num_layers,
+        "model.num_heads": m.num_heads,
+        "model.num_kv_heads": m.kv_heads,
+        "model.ffn_hidden_size": m.ffn_size,
+        "model.num_experts": m.num_experts,
+        "model.tie_embeddings": m.tie_embeddings,
+    }
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any], fields: Sequence[str]) -> list[str]:

@@ -1,32 +1,13 @@
-"""Helpers for the Hugging Face tests: a world of one, and scaletrain's own logits of a set of
-full weights (the model a TP=1 rank builds, loaded with them)."""
+"""Helpers for the Hugging Face tests: scaletrain's own logits of a set of full weights (the
+model a TP=1 rank builds, loaded with them). The world of one is tests/conftest.py's."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
-import pytest
 import torch
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.models.gpt import GPT
 from scaletrain.models.parallel import TensorParallel
-from scaletrain.topology.dims import ParallelDims
-from scaletrain.topology.init import init_topology
-
-
-@pytest.fixture(scope="module")
-def tensor_parallel() -> Iterator[TensorParallel]:
-    """TP of one rank, torn down (with the environment init_topology set) after the module."""
-    saved = dict(os.environ)
-    topology = init_topology(ParallelDims(tp=1, pp=1, dp=1))
-    try:
-        yield TensorParallel(1, topology.groups.tp)
-    finally:
-        topology.destroy()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def scaletrain_logits(

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -14,22 +11,6 @@ from tests.distributed import TINY
 
 SHAPE = ["model.hidden_size=256", "model.num_heads=8", "model.num_kv_heads=2"]
 SHAPE += ["model.ffn_hidden_size=640", "model.max_seq_len=256", "train.seq_len=128"]
-
-
-@pytest.fixture(scope="module")
-def tensor_parallel() -> Iterator[object]:
-    from scaletrain.models.parallel import TensorParallel
-    from scaletrain.topology.dims import ParallelDims
-    from scaletrain.topology.init import init_topology
-
-    saved = dict(os.environ)
-    topology = init_topology(ParallelDims(tp=1, pp=1, dp=1))
-    try:
-        yield TensorParallel(1, topology.groups.tp)
-    finally:
-        topology.destroy()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _saved_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
