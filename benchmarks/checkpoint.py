@@ -9,6 +9,13 @@ manifest, rename, `latest`, retention) several times. Between saves, the same nu
 is written to the same folder in 64 MB chunks and fsynced: the disk's sequential speed,
 measured in the same run. Saves are synchronous, so a save's wall time is also the time the
 training loop is blocked. Target: save throughput >= 0.5x the raw write.
+
+Then the same model trains `--steps-per-save` steps between saves, `--saves` rounds with
+synchronous saves and as many with `checkpoint.async_save` (the loop waits only for the host
+snapshot; a background thread writes, checksums and publishes): the loop's blocked time per save,
+each mode's throughput (training steps per second over the rounds, the wait for the last write
+included, and MB/s from a save's start to its checkpoint being published), and their ratio on a
+line of its own. Target: async/sync blocked time <= 0.2x.
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ import os
 import shutil
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import numpy as np
 
+from scaletrain.checkpoint.async_save import AsyncWriter
 from scaletrain.checkpoint.manifest import Manifest
 from scaletrain.config import check_config, load_config
 from scaletrain.logs import setup_logging
@@ -86,10 +95,44 @@ def timed(owner: object, method: str) -> list[float]:
     return calls
 
 
+@dataclass
+class Rounds:
+    blocked: list[float]
+    waited: list[float]
+    rate: float
+    published: list[float]
+
+
+def rounds(trainer: Trainer, saves: int, steps: int) -> Rounds:
+    """`saves` rounds of `steps` training steps and a save: the loop's blocked time per save
+    (of which `waited`: for the previous async write, when the steps took less time than it),
+    the steps per second of the whole (the last async write waited for), and each save's time
+    from its start until its checkpoint was published."""
+    blocked, waited, published = [], [], []
+    start = time.perf_counter()
+    for _ in range(saves):
+        for _ in range(steps):
+            trainer.train_step()
+        began = time.perf_counter()
+        trainer.checkpoints.finish_writes()  # what save() does first
+        waited.append(time.perf_counter() - began)
+        trainer.save()
+        blocked.append(time.perf_counter() - began)
+        if trainer.checkpoints.writer is None:
+            published.append(blocked[-1])
+    trainer.checkpoints.finish_writes()
+    elapsed = time.perf_counter() - start
+    writer = trainer.checkpoints.writer
+    if writer is not None:
+        published = writer.history
+    return Rounds(blocked, waited, saves * steps / elapsed, published)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/runs/quickstart.yaml")
     parser.add_argument("--saves", type=int, default=4, help="timed saves (and raw writes)")
+    parser.add_argument("--steps-per-save", type=int, default=3, help="steps between saves")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     setup_logging()
@@ -136,6 +179,25 @@ def main() -> None:
     print(f"training blocked per save: {save_s:.2f} s (median; saves are synchronous)")
     for name, calls in parts.items():
         print(f"  {name:<15}: {' '.join(f'{s:.2f}' for s in calls)} s")
+
+    steps = args.steps_per_save
+    trainer.checkpoints.writer = None
+    modes = {"sync": rounds(trainer, args.saves, steps)}
+    trainer.checkpoints.writer = AsyncWriter(config.fault.collective_timeout_minutes)
+    modes["async"] = rounds(trainer, args.saves, steps)
+    print(f"{args.saves} rounds of {steps} steps + a save, sync then async_save:")
+    for name, m in modes.items():
+        done = statistics.median(m.published)
+        print(
+            f"  {name:<5}: loop blocked {' '.join(f'{b:.2f}' for b in m.blocked)} s (median "
+            f"{statistics.median(m.blocked):.2f}; waiting for the previous write "
+            f"{sum(m.waited):.2f} s in all); {m.rate:.3f} steps/s; save "
+            f"{size / done / 1e6:.0f} MB/s from start to published ({done:.2f} s)"
+        )
+    sync, background = modes["sync"], modes["async"]
+    ratio = statistics.median(background.blocked) / statistics.median(sync.blocked)
+    print(f"async/sync blocked time {ratio:.2f}x (target <= 0.2x)")
+    print(f"async/sync loop throughput {background.rate / sync.rate:.2f}x")
     topology.destroy()
     shutil.rmtree(RUN_DIR, ignore_errors=True)
 

@@ -65,7 +65,7 @@ class PlainLoop:
         )
 
     def step(self) -> float:
-        windows = self.trainer._windows(self.trainer.train_set, self.sampler.next_batch())
+        windows, _ = self.trainer._windows(self.trainer.train_set, self.sampler.next_batch())
         loss = self.model(windows)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)

@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     how = slurm.add_mutually_exclusive_group()
     how.add_argument("--dry-run", action="store_true", help="print script, sbatch; write nothing")
     how.add_argument("--submit", action="store_true", help="write the files and sbatch them")
+    slurm.add_argument(
+        "--no-plan-check",
+        action="store_true",
+        help="submit even when `scaletrain plan` says the layout does not fit cluster.gpu",
+    )
     status = launch_cmds.add_parser("status", help="a run's SLURM jobs, restarts, step, loss")
     status.add_argument("run_dir", help="the run folder (train.run_dir)")
 

@@ -1,7 +1,9 @@
 """`scaletrain ckpt consolidate`: a sharded checkpoint of any ZeRO stage and TP degree as one
 fp32 safetensors file with the model's parameter names, in one plain process.
 
-It goes through DeepSpeed's `zero_to_fp32` once per TP rank, then merges the TP slices with the
+Pipeline and MoE checkpoints at ZeRO 1/2 (fp32 or bf16) take the fp32 masters from the
+optimizer partitions (`zero_state`), under whole-model names and global expert ids. Others go
+through DeepSpeed's `zero_to_fp32` once per TP rank, then merge the TP slices with the
 split its family's split plan gives each parameter (`scaletrain.models.split_plan`), checked
 against the split the manifest recorded at save time (`parameters[name].tp_dim/tp_stride`).
 
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from scaletrain.checkpoint.manifest import MANIFEST, Manifest, step_of
 from scaletrain.checkpoint.safe_load import CLI_OPT_IN, check_folder, load, weights_only_loading
 from scaletrain.checkpoint.tools import holds_checkpoints, verify
+from scaletrain.checkpoint.zero_state import read_zero_state, whole_name
 from scaletrain.errors import ScaletrainError
 from scaletrain.logs import get_logger
 from scaletrain.models.registry import pipeline_layer_names, saved_model_config, saved_split_plan
@@ -95,23 +98,28 @@ def consolidated_weights(
     layout = manifest.data["layout"]
     pipelined = layout.get("pp", 1) > 1
     precision = manifest.data.get("precision")
-    if (pipelined or moe) and precision != "fp32":
+    tp, zero_stage = int(layout["tp"]), int(layout["zero_stage"])
+    if (pipelined or moe) and precision != "fp32" and zero_stage == 0:
         what = "pipeline" if pipelined else "MoE"
         raise ScaletrainError(
-            f"{folder}: consolidating a {precision} {what} checkpoint is not supported (its "
-            "fp32 masters are in files zero_to_fp32 does not read); fp32 only"
+            f"{folder}: consolidating a {precision} {what} checkpoint saved at zero_stage=0 is "
+            "not supported (no fp32 masters in ZeRO partitions); save it at zero_stage 1 or 2"
         )
     parameters: dict[str, dict[str, Any]] = manifest.data.get("parameters") or {}
     if not parameters:
         raise ScaletrainError(f"{folder}: the manifest has no parameter layout to merge with")
     if not allow_pickle:
         check_folder(folder, CLI_OPT_IN)
+    if (pipelined or moe) and zero_stage > 0:
+        # The fp32 masters of every stage and expert, from the optimizer partitions.
+        with weights_only_loading(allow_pickle):
+            state = read_zero_state(folder, manifest, allow_pickle, states=("fp32",))
+        return manifest, {name: full["fp32"] for name, full in state.tensors.items()}
     plan = saved_split_plan(manifest.data)
-    tp, zero_stage = int(layout["tp"]), int(layout["zero_stage"])
     with weights_only_loading(allow_pickle):
         if pipelined:
             names = pipeline_layer_names(saved_model_config(manifest.data["config"]))
-            parameters = {_whole_name(n, names): info for n, info in parameters.items()}
+            parameters = {whole_name(n, names): info for n, info in parameters.items()}
             ranks = [_stage_weights(folder, r, names, allow_pickle) for r in range(tp)]
         elif moe:
             ranks = [_moe_weights(folder, r, allow_pickle) for r in range(tp)]
@@ -169,12 +177,6 @@ def _write(
                 raise ScaletrainError(f"{out} exists; pass --force to replace it") from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _whole_name(name: str, layers: list[str]) -> str:
-    """A pipeline parameter name (`<layer index>.<rest>`) as the whole model's."""
-    index, rest = name.split(".", 1)
-    return f"{layers[int(index)]}.{rest}"
 
 
 def _stage_weights(

@@ -19,9 +19,11 @@ split plan (`scaletrain.models.split_plan`), checked against the manifest's `par
 
 DeepSpeed's ZeRO-1/2 and ZeRO-3 loaders read different file names and fields from the copy,
 so it is completed for both (`_serve_every_stage`), and two shortcuts of the ZeRO-3 loader are
-undone after loading (`repair_optimizer`). Not supported: ZeRO-0 on either side (no ZeRO shards
-to convert, no universal loader), ZeRO-3 with TP > 1 as the target, pp or ep > 1, a change of
-precision, and `checkpoint.load_weights_only` across layouts.
+undone after loading (`repair_optimizer`). A pipeline or MoE checkpoint on either side (pp or
+ep > 1, experts) is converted by our own writer instead (`layout_convert`). Not supported:
+ZeRO-0 on either side (no ZeRO shards to convert, no universal loader), ZeRO-3 with TP > 1 as
+the target, ZeRO-3 on either side of a pipeline or MoE conversion, a change of precision, and
+`checkpoint.load_weights_only` across layouts.
 
 The converted copy lives in `<checkpoints>/.universal/step_N/`, never in the checksummed
 checkpoint folder; it is written under a temporary name and renamed when complete, and a
@@ -47,6 +49,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
+from scaletrain.checkpoint.layout_convert import needs_own_conversion, target_of, write_universal
 from scaletrain.checkpoint.manifest import MANIFEST, Manifest
 from scaletrain.checkpoint.safe_load import check_folder, load, weights_only_loading
 from scaletrain.errors import ScaletrainError
@@ -79,19 +82,25 @@ def check_reshardable(manifest: Manifest, current: dict[str, Any], precision: st
             f"{where}: its manifest has no parameter layout (saved by an older scaletrain); "
             "resume it on its own layout once and save again"
         )
-    if manifest.data.get("config", {}).get("model", {}).get("num_experts", 0):
+    moe = is_moe(manifest.data)
+    own = needs_own_conversion(saved, current, moe)
+    if moe and (saved.get("pp", 1) > 1 or current.get("pp", 1) > 1):
+        # A stage without MoE blocks has fewer optimizer groups than one with them.
         raise ScaletrainError(
-            f"{where}: an MoE checkpoint cannot change layout (DeepSpeed's universal "
-            "conversion does not read its per-expert files); resume it on the saved layout"
+            f"{where}: resharding an MoE checkpoint with pipeline stages (pp > 1) on either side "
+            "is not supported; resume it on the saved layout"
         )
     for side, layout in (("saved", saved), ("current", current)):
-        if layout.get("pp", 1) > 1 or layout.get("ep", 1) > 1:
-            raise ScaletrainError(f"{where}: resharding with pp or ep > 1 is not supported")
         if layout["zero_stage"] == 0:
             raise ScaletrainError(
                 f"{where}: resharding needs ZeRO stage 1, 2 or 3 on both sides ({side} layout "
                 "has zero_stage=0); use parallel.zero_stage>=1, or resume on the saved layout"
             )
+    if own and (saved["zero_stage"] == 3 or current["zero_stage"] == 3):
+        raise ScaletrainError(
+            f"{where}: across pipeline or expert layouts resharding reads and writes ZeRO 1/2 "
+            "partitions only; resume at zero_stage 1 or 2, save, then switch to ZeRO-3"
+        )
     if current["zero_stage"] == 3 and current["tp"] > 1:
         # Its ZeRO-3 loader re-splits over TP only for AutoTP models (a process group that
         # an mpu does not provide); the ZeRO-1/2 loader does it from the converted files.
@@ -139,18 +148,37 @@ def universal_folder(root: Path, folder: Path) -> Path:
     return root / UNIVERSAL_DIR / folder.name
 
 
-def ensure_universal(folder: Path, root: Path, is_main: bool, allow_pickle: bool = False) -> Path:
-    """Collective: the universal copy of `folder`; rank 0 converts it unless a complete one
-    exists, the other ranks wait. Every rank raises if the conversion failed, and all raise
-    the same line, before any conversion, if `folder` holds more than weights."""
+def is_moe(manifest_data: dict[str, Any]) -> bool:
+    return bool(manifest_data.get("config", {}).get("model", {}).get("num_experts", 0))
+
+
+def conversion_target(manifest: Manifest, current: dict[str, Any]) -> dict[str, Any] | None:
+    """What our own conversion writes names for (None: DeepSpeed's converter serves)."""
+    moe = is_moe(manifest.data)
+    if not needs_own_conversion(manifest.data["layout"], current, moe):
+        return None
+    return target_of(current, moe)
+
+
+def ensure_universal(
+    folder: Path,
+    root: Path,
+    is_main: bool,
+    allow_pickle: bool = False,
+    target: dict[str, Any] | None = None,
+) -> Path:
+    """Collective: the universal copy of `folder` (for a pipeline or MoE `target`, named for
+    it); rank 0 converts it unless a complete one exists, the other ranks wait. Every rank
+    raises if the conversion failed, and all raise the same line, before any conversion, if
+    `folder` holds more than weights."""
     if not allow_pickle:
         check_folder(folder, collective=True)
     out = universal_folder(root, folder)
     error = None
     if is_main:
         try:
-            if not _is_conversion_of(out, folder):
-                convert(folder, out, allow_pickle)
+            if not _is_conversion_of(out, folder, target):
+                convert(folder, out, allow_pickle, target)
         except Exception as exc:  # every rank must hear of it, not wait forever
             error = f"{type(exc).__name__}: {exc}"
             raise
@@ -167,14 +195,16 @@ def ensure_universal(folder: Path, root: Path, is_main: bool, allow_pickle: bool
     return out
 
 
-def convert(folder: Path, out: Path, allow_pickle: bool = False) -> None:
+def convert(
+    folder: Path, out: Path, allow_pickle: bool = False, target: dict[str, Any] | None = None
+) -> None:
     """Write the universal copy of checkpoint `folder` to `out` (one process); every file is
     read weights-only unless `allow_pickle`."""
     with weights_only_loading(allow_pickle):
-        _convert(folder, out, allow_pickle)
+        _convert(folder, out, allow_pickle, target)
 
 
-def _convert(folder: Path, out: Path, allow_pickle: bool) -> None:
+def _convert(folder: Path, out: Path, allow_pickle: bool, target: dict[str, Any] | None) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
     manifest = Manifest.read(folder)
@@ -184,6 +214,10 @@ def _convert(folder: Path, out: Path, allow_pickle: bool) -> None:
     partial = out.parent / f".{out.name}.partial"
     for stale in (source, partial, out):
         shutil.rmtree(stale, ignore_errors=True)
+    if target is not None:  # pipelines or experts: our own writer
+        write_universal(folder, partial, target, allow_pickle)
+        _publish(folder, partial, out, target)
+        return
     info = universal_info(manifest.data["parameters"], saved_split_plan(manifest.data))
     _filtered_source(folder, source, info, allow_pickle)
     args = Namespace(
@@ -200,10 +234,19 @@ def _convert(folder: Path, out: Path, allow_pickle: bool) -> None:
         ds_to_universal.main(args)
     _serve_every_stage(partial, allow_pickle)
     (out.parent / "latest_universal").unlink(missing_ok=True)  # we always name the tag
-    source_note = {"source": str(folder.resolve()), "manifest_xxh3": _manifest_digest(folder)}
+    _publish(folder, partial, out, None)
+    shutil.rmtree(source, ignore_errors=True)
+
+
+def _publish(folder: Path, partial: Path, out: Path, target: dict[str, Any] | None) -> None:
+    """Name the source (and the layout the names are for), then make the copy visible."""
+    source_note = {
+        "source": str(folder.resolve()),
+        "manifest_xxh3": _manifest_digest(folder),
+        "target": target,
+    }
     (partial / SOURCE).write_text(json.dumps(source_note, indent=1))
     os.replace(partial, out)
-    shutil.rmtree(source, ignore_errors=True)
 
 
 def _filtered_source(folder: Path, source: Path, info: dict[str, Any], allow_pickle: bool) -> None:
@@ -286,12 +329,12 @@ def _manifest_digest(folder: Path) -> str:
     return xxhash.xxh3_128((folder / MANIFEST).read_bytes()).hexdigest()
 
 
-def _is_conversion_of(out: Path, folder: Path) -> bool:
+def _is_conversion_of(out: Path, folder: Path, target: dict[str, Any] | None) -> bool:
     try:
         note = json.loads((out / SOURCE).read_text())
     except (OSError, ValueError):
         return False
-    return note.get("manifest_xxh3") == _manifest_digest(folder)
+    return note.get("manifest_xxh3") == _manifest_digest(folder) and note.get("target") == target
 
 
 def prune_conversions(root: Path) -> None:

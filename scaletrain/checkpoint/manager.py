@@ -2,57 +2,66 @@
 
 Save: every rank writes its DeepSpeed shards and its RNG state into `.staging/step_N/`; the
 ranks then fsync and checksum the files between them; rank 0 writes the manifest, renames the
-folder to `step_N/`, and only then replaces the `latest` pointer (write + rename). A process
-killed at any point leaves the previous checkpoint as the newest visible one.
+folder to `step_N/`, and only then replaces the `latest` pointer (write + rename; `publish.py`
+holds these steps and retention). A process killed at any point leaves the previous checkpoint
+as the newest visible one.
 
 Load: the newest checkpoint whose files all match the manifest wins; a truncated or corrupted
 one is named in a one-line warning and the one before it is tried. A checkpoint saved with
-another layout (TP, DP or ZeRO stage) is converted once to DeepSpeed's universal format
+another layout (TP, PP, DP, EP or ZeRO stage) is converted once to DeepSpeed's universal format
 (`convert.py`) and loaded through it; the engine must then be built with `load_universal`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from scaletrain.checkpoint.async_save import AsyncWriter, Snapshot
 from scaletrain.checkpoint.convert import (
     check_reshardable,
+    conversion_target,
     describe_layout,
     ensure_universal,
-    prune_conversions,
     repair_optimizer,
     same_layout,
 )
+from scaletrain.checkpoint.layout_convert import view_of
 from scaletrain.checkpoint.manifest import (
-    FORMAT_VERSION,
-    LATEST,
     STAGING,
     Manifest,
     check_file,
-    describe_file,
     fsync_dir,
     list_checkpoints,
     not_a_checkpoint,
     read_latest,
-    step_of,
     tag_for,
+)
+from scaletrain.checkpoint.publish import (
+    delete_checkpoint,
+    describe_files,
+    gathered_parameter_layout,
+    manifest_data,
+    point_latest,
+    prune,
+    share_work,
 )
 from scaletrain.checkpoint.safe_load import check_folder, weights_only_loading
 from scaletrain.checkpoint.safe_load import load as load_file
 from scaletrain.checkpoint.space import agree_on_failure, space_warning
-from scaletrain.checkpoint.state import TrainState, parameter_layout, rng_state, set_rng_state
-from scaletrain.config.load import to_dict
+from scaletrain.checkpoint.state import TrainState, rng_state, set_rng_state
+from scaletrain.config.lora import lora_enabled
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError, ScaletrainError
 from scaletrain.logs import get_logger
+from scaletrain.models.lora_plan import is_lora_name
 from scaletrain.topology.init import Topology
 
 log = get_logger(__name__)
@@ -71,16 +80,22 @@ class CheckpointManager:
         self.last_save_time = time.monotonic()
         self.last_save_bytes: int | None = None  # the free-space check's estimate of a save
         self.load_universal = False  # set by prepare_reshard(): how the engine loads
+        self.writer = AsyncWriter(config.fault.collective_timeout_minutes) if c.async_save else None
+        """The background writer of `checkpoint.async_save` (None: saves are synchronous)."""
+        self.lora = lora_enabled(config)
+        """LoRA runs save (and load) the trainable adapters only, not the frozen base."""
         self.identity: dict[str, Any] | None = None
         """What a resume compares (compat.run_identity), recorded in every manifest."""
 
     # ---- save -------------------------------------------------------------------------
     def save(self, engine: Any, state: TrainState) -> Path:
-        """Collective: every rank calls this at the same step."""
+        """Collective: every rank calls this at the same step. With `checkpoint.async_save`
+        it returns once the state is snapshotted (after the previous save was published);
+        the folder appears when the background writer publishes it."""
+        self.finish_writes()  # at most one save in flight; its staging folder goes next
         tag = tag_for(state.step)
         staging_root = self.root / STAGING
         staging = staging_root / tag
-        final = self.root / tag
         if self.topology.is_main:  # leftovers of killed saves (and deletions) go first
             shutil.rmtree(staging_root, ignore_errors=True)
             staging_root.mkdir(parents=True, exist_ok=True)
@@ -90,27 +105,72 @@ class CheckpointManager:
         dist.barrier()
         start = time.perf_counter()
         failure: BaseException | None = None
+        snapshot: Snapshot | None = None
+        capture = self.writer.capture(engine) if self.writer else contextlib.nullcontext()
         try:
-            engine.save_checkpoint(str(staging_root), tag=tag, save_latest=False)
+            with capture as snapshot:  # async: DeepSpeed's writes become host copies
+                engine.save_checkpoint(
+                    str(staging_root),
+                    tag=tag,
+                    save_latest=False,
+                    # LoRA: the frozen base stays where the manifest's lora_base says it is.
+                    exclude_frozen_parameters=self.lora,
+                )
         except Exception as err:  # the others wait in DeepSpeed's closing barrier: meet them
             failure = err
             dist.barrier()
         if failure is None:
             try:
-                (staging / RNG_DIR).mkdir(parents=True, exist_ok=True)
-                torch.save(rng_state(), staging / RNG_DIR / f"rank_{self.topology.rank:05d}.pt")
+                rng_file = staging / RNG_DIR / f"rank_{self.topology.rank:05d}.pt"
+                rng_file.parent.mkdir(parents=True, exist_ok=True)
+                if snapshot is None:
+                    torch.save(rng_state(), rng_file)
+                else:
+                    snapshot.add(str(rng_file), rng_state())
             except Exception as err:
                 failure = err
-        agree_on_failure(failure, staging, self.root, self.last_save_bytes, self.topology.is_main)
-        files = self._describe_files(staging)
+        parameters = gathered_parameter_layout(engine.module, self.topology)
+        if self.lora:  # what the files hold: the adapters (the base is in lora_base)
+            parameters = {n: info for n, info in parameters.items() if is_lora_name(n)}
+        if snapshot is None or self.writer is None:
+            final = self._publish(staging, state, parameters, start, failure)
+        else:
+            agree_on_failure(
+                failure, staging, self.root, self.last_save_bytes, self.topology.is_main
+            )
+            group = self.writer.group
+            self.writer.start(
+                snapshot,
+                state.step,
+                lambda failed: self._publish(staging, state, parameters, start, failed, group),
+                start,
+            )
+            final = self.root / tag
+        self.last_save_time = time.monotonic()
+        return final
+
+    def _publish(
+        self,
+        staging: Path,
+        state: TrainState,
+        parameters: dict[str, dict[str, Any]],
+        start: float,
+        failure: BaseException | None,
+        group: dist.ProcessGroup | None = None,
+    ) -> Path:
+        """Collective in `group` (the async writer's own, or the default one): checksum every
+        file, then rank 0 writes the manifest and makes the checkpoint visible."""
+        final = self.root / staging.name
+        is_main = self.topology.is_main
+        agree_on_failure(failure, staging, self.root, self.last_save_bytes, is_main, group)
+        files = self._describe_files(staging, group)
         failed = next((e for e in files if "error" in e), None)
         if failed is not None:  # every rank has the whole list
             failure = OSError(failed["errno"], failed["error"])
-        agree_on_failure(failure, staging, self.root, self.last_save_bytes, self.topology.is_main)
-        parameters = self._parameter_layout(engine.module)
+        agree_on_failure(failure, staging, self.root, self.last_save_bytes, is_main, group)
         manifest = None
-        if self.topology.is_main:
-            data = self._manifest_data(state, files)
+        if is_main:
+            data = manifest_data(state, self.config, self.layout(), self.identity, files)
             data["parameters"] = parameters
             manifest = Manifest(staging, data)
             try:
@@ -119,52 +179,40 @@ class CheckpointManager:
                 fsync_dir(staging)  # entries must be durable before the folder becomes visible
             except Exception as err:
                 failure = err
-        agree_on_failure(failure, staging, self.root, self.last_save_bytes, self.topology.is_main)
+        agree_on_failure(failure, staging, self.root, self.last_save_bytes, is_main, group)
         if manifest is not None:
-            self._delete(final)  # a re-save of the same step
+            delete_checkpoint(self.root, final)  # a re-save of the same step
             os.replace(staging, final)
             fsync_dir(self.root)
-            self._point_latest(tag)
+            point_latest(self.root, final.name)
             self._prune()
             log.info(
-                "saved checkpoint %s (%.1f MB) in %.2fs",
+                "saved checkpoint %s (%.1f MB) in %.2fs%s",
                 final,
                 manifest.total_bytes / 1e6,
                 time.perf_counter() - start,
+                "" if group is None else " (written in the background)",
             )
             self.last_save_bytes = manifest.total_bytes
-        dist.barrier()
-        self.last_save_time = time.monotonic()
+        dist.barrier(group=group)
         return final
 
-    def _describe_files(self, folder: Path) -> list[dict[str, Any]]:
-        """Flush and checksum all files; the ranks share the work, rank 0 gets the list."""
-        names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    def finish_writes(self) -> None:
+        """Wait until the async save in flight (if any) is published; raise its error (every
+        rank the same). Collective: all ranks call it at the same step."""
+        if self.writer is not None:
+            self.writer.wait()
 
-        def describe(name: str) -> dict[str, Any]:
-            try:
-                return describe_file(folder, name)
-            except OSError as err:  # fsync reports a full disk on NFS: every rank must hear
-                return {"path": name, "errno": err.errno, "error": str(err)}
+    @property
+    def last_write_seconds(self) -> float:
+        """How long the last background save took from snapshot to published (0 if sync)."""
+        return self.writer.last_write_seconds if self.writer is not None else 0.0
 
-        described = self._share_work(names, describe)
-        return sorted(described, key=lambda e: e["path"])
-
-    def _parameter_layout(self, module: torch.nn.Module) -> dict[str, dict[str, Any]]:
-        """Collective with pp > 1: rank 0 holds only the first stage, so all stages report."""
-        layout = parameter_layout(module)
-        if self.topology.dims.pp == 1:
-            return layout
-        stages: list[dict[str, dict[str, Any]]] = [{} for _ in range(self.topology.world_size)]
-        dist.all_gather_object(stages, layout)
-        return {name: info for stage in stages for name, info in sorted(stage.items())}
-
-    def _share_work(self, items: list[Any], work: Callable[[Any], Any]) -> list[Any]:
-        """Collective: every rank does `work` on its round-robin share; all get all results."""
-        mine = [work(item) for item in items[self.topology.rank :: self.topology.world_size]]
-        gathered: list[list[Any]] = [[] for _ in range(self.topology.world_size)]
-        dist.all_gather_object(gathered, mine)
-        return [result for part in gathered for result in part]
+    def _describe_files(
+        self, folder: Path, group: dist.ProcessGroup | None = None
+    ) -> list[dict[str, Any]]:
+        """Flush and checksum all files (publish.describe_files)."""
+        return describe_files(folder, self.topology, group)
 
     def layout(self) -> dict[str, Any]:
         """This run's layout, as the manifest records it."""
@@ -178,51 +226,9 @@ class CheckpointManager:
             "world_size": dims.world_size,
         }
 
-    def _manifest_data(self, state: TrainState, files: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "step": state.step,
-            "consumed_samples": state.consumed_samples,
-            "consumed_tokens": state.consumed_tokens,
-            "skipped_steps": state.skipped_steps,
-            "sampler": state.sampler,
-            "lr_schedule": state.lr_schedule,
-            "loss_scale": state.loss_scale,
-            "layout": self.layout(),
-            "precision": self.config.precision.dtype,
-            "config": to_dict(self.config),
-            "identity": self.identity,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "files": files,
-        }
-
-    def _point_latest(self, tag: str) -> None:
-        tmp = self.root / f".{LATEST}.tmp"
-        tmp.write_text(tag + "\n")
-        os.replace(tmp, self.root / LATEST)
-        fsync_dir(self.root)
-
     def _prune(self) -> None:
-        """Keep the newest `keep_last`, plus every `keep_every`-th step."""
-        c = self.config.checkpoint
-        folders = list_checkpoints(self.root)
-        keep = set(folders[-c.keep_last :])
-        if c.keep_every:
-            keep |= {p for p in folders if (step_of(p) or 0) % c.keep_every == 0}
-        for folder in folders:
-            if folder not in keep:
-                self._delete(folder)
-        prune_conversions(self.root)
-
-    def _delete(self, folder: Path) -> None:
-        """Hide a checkpoint with one rename, then delete it: a kill mid-way never leaves a
-        visible checkpoint with files missing."""
-        if not folder.exists():
-            return
-        doomed = self.root / STAGING / f"deleting-{folder.name}"
-        shutil.rmtree(doomed, ignore_errors=True)
-        os.replace(folder, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        """Keep the newest `keep_last`, plus every `keep_every`-th step (publish.prune)."""
+        prune(self.root, self.config.checkpoint.keep_last, self.config.checkpoint.keep_every)
 
     def due(self, step: int) -> bool:
         """Whether the interval (in steps or minutes) says to save after `step`."""
@@ -250,7 +256,9 @@ class CheckpointManager:
         if manifest is None:  # every rank reads the same file, so all return here together
             return f"{folder.name}/manifest.json is missing or unreadable"
         found = sorted(
-            p for p in self._share_work(manifest.files, lambda e: check_file(folder, e)) if p
+            p
+            for p in share_work(manifest.files, lambda e: check_file(folder, e), self.topology)
+            if p
         )
         return found[0] if found else None
 
@@ -282,6 +290,7 @@ class CheckpointManager:
 
     def newest_good(self) -> Path | None:
         """Collective: the newest checkpoint that verifies, warning about each one that does not."""
+        self.finish_writes()  # a rollback must see (and not race) the save in flight
         for folder in self.candidates():
             problem = self.verify(folder)
             if problem is None:
@@ -308,6 +317,11 @@ class CheckpointManager:
         if manifest is None or same_layout(manifest.data["layout"], self.layout()):
             return False
         saved = describe_layout(manifest.data["layout"])
+        if self.lora:
+            raise ScaletrainError(
+                f"finetune.lora_rank: {folder} is {saved}; a LoRA checkpoint resumes on the "
+                "layout that saved it only"
+            )
         if self.config.checkpoint.load_weights_only:
             raise ScaletrainError(
                 f"checkpoint.load_weights_only: {folder} is {saved}; taking only the weights "
@@ -318,7 +332,8 @@ class CheckpointManager:
             log.info(
                 "resharding %s from %s to %s", folder.name, saved, describe_layout(self.layout())
             )
-        ensure_universal(folder, self.root, self.topology.is_main, self._allow_pickle)
+        target = conversion_target(manifest, self.layout())
+        ensure_universal(folder, self.root, self.topology.is_main, self._allow_pickle, target)
         self.load_universal = True
         return True
 
@@ -336,10 +351,15 @@ class CheckpointManager:
         assert manifest is not None  # select() verified it
         weights_only = self.config.checkpoint.load_weights_only and not full
         layout_kept = same_layout(manifest.data["layout"], self.layout())
-        source = folder
+        source = checked = folder
         if self.load_universal:  # a resharded run loads (and rolls back) through universal copies
             check_reshardable(manifest, self.layout(), self.config.precision.dtype)
-            source = ensure_universal(folder, self.root, self.topology.is_main, self._allow_pickle)
+            target = conversion_target(manifest, self.layout())
+            source = checked = ensure_universal(
+                folder, self.root, self.topology.is_main, self._allow_pickle, target
+            )
+            if target is not None:  # an MoE run reads its expert-parallel rank's view
+                source = view_of(source, target, self.topology.dp_rank)
         elif not layout_kept:
             raise ScaletrainError(
                 f"{folder} was saved as {describe_layout(manifest.data['layout'])}, this run "
@@ -348,7 +368,7 @@ class CheckpointManager:
             )
         # What DeepSpeed reads: the checkpoint, or its universal copy (ensure_universal checked
         # the checkpoint; a copy it reused may have been planted by whoever wrote the folder).
-        self._check_external(source, verified=True)
+        self._check_external(checked, verified=True)  # the same folder on every rank
         with weights_only_loading(self._allow_pickle):
             engine.load_checkpoint(
                 str(source.parent),
@@ -356,6 +376,7 @@ class CheckpointManager:
                 load_optimizer_states=not weights_only,
                 load_lr_scheduler_states=not weights_only,
                 load_module_only=weights_only,
+                load_module_strict=not self.lora,  # LoRA: the adapters only; the base is loaded
             )
         if self.load_universal:
             repair_optimizer(engine, source, self._allow_pickle)

@@ -87,10 +87,16 @@ def space_warning(root: Path, needed: int | None) -> str | None:
 
 
 def agree_on_failure(
-    failure: BaseException | None, staging: Path, root: Path, needed: int | None, is_main: bool
+    failure: BaseException | None,
+    staging: Path,
+    root: Path,
+    needed: int | None,
+    is_main: bool,
+    group: dist.ProcessGroup | None = None,
 ) -> None:
-    """Collective: if any rank failed to write its part of a save, every rank stops here with
-    the same outcome, after rank 0 removed the staging folder.
+    """Collective in `group` (an async save's writers have their own): if any rank failed to
+    write its part of a save, every rank stops here with the same outcome, after rank 0
+    removed the staging folder.
 
     A full disk is one line on every rank (`DiskFullError`); any other error is re-raised by
     the rank it happened on, and the others name that rank."""
@@ -102,7 +108,7 @@ def agree_on_failure(
         gc.collect()
     mine = None if failure is None else ("full" if full else repr(failure))
     kinds: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(kinds, mine)
+    dist.all_gather_object(kinds, mine, group=group)
     if all(kind is None for kind in kinds):
         return
     box: list[str | None] = [None]
@@ -110,7 +116,7 @@ def agree_on_failure(
         written = folder_bytes(staging)
         shutil.rmtree(staging, ignore_errors=True)
         box = [disk_full_message(staging, needed, written, read_latest(root))]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     if failure is not None and not full:
         raise failure
     if "full" in kinds:

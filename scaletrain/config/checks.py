@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from scaletrain.config.lora import check_lora
 from scaletrain.config.moe import check_moe
 from scaletrain.config.precision import check_precision
 from scaletrain.config.schema import Config
@@ -49,6 +50,8 @@ def check_config(
     check_precision(config, ranks_here)
     micro, accum, global_batch = _check_batch(config, dims)  # before optim: it checks steps
     check_moe(config, dims)
+    check_lora(config, dims)
+    _check_classify(config, dims)
     _check_optim(config)
     _check_checkpoint(config)
     _check_fault(config)
@@ -294,6 +297,29 @@ def _check_batch(config: Config, dims: ParallelDims) -> tuple[int, int, int]:
     return t.micro_batch, accum, per_step * accum
 
 
+def _check_classify(config: Config, dims: ParallelDims) -> None:
+    """train.task: classify runs whole models on one labelled data set, without LoRA."""
+    if config.train.task != "classify":
+        return
+    if dims.pp > 1:
+        raise ConfigError(
+            "parallel.pp",
+            f"({dims.pp}) > 1 is not supported with train.task: classify (the head reads the "
+            "whole model's last hidden states); use tp or dp",
+        )
+    if len(config.data.paths) > 1:
+        raise ConfigError(
+            "data.paths",
+            f"has {len(config.data.paths)} data sets; train.task: classify reads one (its "
+            "labels name the head's outputs)",
+        )
+    if config.finetune.lora_rank:
+        raise ConfigError(
+            "finetune.lora_rank",
+            "LoRA is not supported with train.task: classify; set finetune.lora_rank=0",
+        )
+
+
 def _check_data(config: Config) -> int:
     d = config.data
     if not d.paths:
@@ -319,12 +345,26 @@ def _check_data(config: Config) -> int:
                 f"run `scaletrain data prepare --output {path} ...`",
             )
         try:
-            vocab_sizes.append(int(json.loads(meta.read_text())["vocab_size"]))
+            metadata = json.loads(meta.read_text())
+            vocab_sizes.append(int(metadata["vocab_size"]))
         except (ValueError, KeyError, TypeError):
             raise ConfigError(
                 f"data.paths[{i}]",
                 f"{str(meta)!r} has no integer vocab_size; prepare {path!r} again",
             ) from None
+        kind = metadata.get("kind", "pretrain")
+        if (config.train.task == "classify") != (kind == "classify"):
+            raise ConfigError(
+                f"data.paths[{i}]",
+                f"{path!r} holds {kind} data and train.task is {config.train.task}; a classifier "
+                "trains on (only) data prepared with `scaletrain data prepare --format classify`",
+            )
+        if config.train.task == "sft" and kind != "sft":
+            raise ConfigError(
+                f"data.paths[{i}]",
+                f"{path!r} holds {kind} data without a loss mask; train.task: sft needs data "
+                "prepared with `scaletrain data prepare --format chat|prompt-response`",
+            )
     if len(set(vocab_sizes)) > 1:
         raise ConfigError(
             "data.paths",

@@ -9,6 +9,9 @@ from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError, require_positive
 from scaletrain.topology.dims import ParallelDims
 
+MAX_TOP_K = 8
+"""DeepSeek-V3's top-8; DeepSpeed's top-k gate and ours take any k."""
+
 
 def check_moe(config: Config, dims: ParallelDims) -> None:
     m, p = config.model, config.parallel
@@ -22,10 +25,8 @@ def check_moe(config: Config, dims: ParallelDims) -> None:
                 "or ep=1",
             )
         return
-    if m.moe_top_k not in (1, 2):
-        raise ConfigError(
-            "model.moe_top_k", f"must be 1 or 2 (DeepSpeed's MoE gates), got {m.moe_top_k}"
-        )
+    if not 1 <= m.moe_top_k <= MAX_TOP_K:
+        raise ConfigError("model.moe_top_k", f"must be 1 to {MAX_TOP_K}, got {m.moe_top_k}")
     if m.moe_top_k > m.num_experts:
         raise ConfigError(
             "model.moe_top_k",
@@ -34,7 +35,8 @@ def check_moe(config: Config, dims: ParallelDims) -> None:
     require_positive(m.moe_capacity_factor, "model.moe_capacity_factor")
     require_positive(m.moe_eval_capacity_factor, "model.moe_eval_capacity_factor")
     require_positive(m.moe_layer_freq, "model.moe_layer_freq")
-    for name in ("moe_min_capacity", "moe_aux_loss_coeff", "moe_z_loss_coeff"):
+    names = ("moe_min_capacity", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_shared_experts")
+    for name in (*names, "moe_router_bias_update_rate"):
         if getattr(m, name) < 0:
             raise ConfigError(f"model.{name}", f"must be >= 0, got {getattr(m, name)}")
     if m.num_experts % dims.ep:
@@ -46,13 +48,8 @@ def check_moe(config: Config, dims: ParallelDims) -> None:
         raise ConfigError(
             "parallel.zero_stage",
             "(3) is refused by DeepSpeed's native MoE layer (it cannot partition expert "
-            "parameters over the expert-data-parallel group); use zero_stage 1 or 2",
-        )
-    if dims.pp > 1:
-        raise ConfigError(
-            "parallel.pp",
-            f"({dims.pp}) cannot run MoE: DeepSpeed's pipeline engine back-propagates only each "
-            "stage's output, so the load-balancing loss of earlier stages would be lost; use pp=1",
+            "parameters over the expert-data-parallel group) and DeepSpeed's AutoEP accepts "
+            "only Hugging Face models without megatron-core TP; use zero_stage 1 or 2",
         )
     tokens = config.train.micro_batch * config.train.seq_len
     if m.moe_top_k == 1 and m.moe_min_capacity > tokens:

@@ -47,8 +47,22 @@ class ModelConfig:
     """Experts per MoE layer (Mixtral-style SwiGLU experts on DeepSpeed's MoE layer); 0 is a
     dense model."""
     moe_top_k: int = 2
-    """Experts each token is routed to: 1 (Switch) or 2 (Mixtral); gates of the chosen
-    experts are renormalised to sum to 1 for top-2."""
+    """Experts each token is routed to, 1 to 8: 1 (Switch), 2 (Mixtral), 8 (DeepSeek-V3); the
+    gates of the chosen experts are renormalised to sum to 1 for top-k > 1."""
+    moe_top1_normalize: bool = False
+    """Top-1 only: false weights the expert's output by its raw softmax probability (Switch
+    style, DeepSpeed's top-1 gate); true renormalises that weight to 1 (as Mixtral-style
+    top-k renormalises the chosen gates)."""
+    moe_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """Router scores: softmax over the experts, or an independent sigmoid per expert whose
+    chosen top-k weights are renormalised to sum to 1 (DeepSeek-V3)."""
+    moe_shared_experts: int = 0
+    """Always-active experts (of the routed experts' size) added to the routed output of
+    every MoE block (DeepSeek-V3: 1); TP-split like the dense MLP, replicated over EP."""
+    moe_router_bias_update_rate: float = 0.0
+    """Aux-loss-free load balancing (DeepSeek-V3): a per-expert bias added to the router
+    scores only to choose the top-k experts, after every optimizer step moved by
+    rate * sign(mean load - expert load) from the step's global token counts; 0 is off."""
     moe_capacity_factor: float = 1.25
     """Training: each expert takes at most capacity_factor * top_k * tokens / num_experts
     tokens of a micro-batch (at least moe_min_capacity); the rest are dropped (they pass
@@ -189,6 +203,10 @@ class TrainConfig:
     """Pin one intra-op thread per rank so that identical runs give identical bits on CPU."""
     time_limit: str | None = None
     """Wall-clock budget ("HH:MM:SS", "D-HH:MM:SS" or seconds): save and exit before it ends."""
+    task: Literal["pretrain", "sft", "classify"] = "pretrain"
+    """pretrain: next-token loss on every token; sft: on response tokens only, from data
+    prepared with --format chat|prompt-response; classify: a label per sequence from its last
+    real token, from data prepared with --format classify (docs/finetuning.md)."""
 
 
 @dataclass
@@ -226,6 +244,9 @@ class CheckpointConfig:
     allow_external_pickle: bool = False
     """Fully unpickle checkpoint files that weights-only loading refuses (unpickling can run code
     from the file: only for checkpoints you trust); every other file is read weights-only."""
+    async_save: bool = False
+    """The loop waits only while a save copies the state into host memory; a background thread
+    writes, checksums and publishes it (one save in flight; stops and the end wait for it)."""
 
 
 @dataclass
@@ -277,6 +298,21 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """LoRA adapters on the model's tensor-parallel linear layers (docs/finetuning.md#lora)."""
+
+    lora_rank: int = 0
+    """Rank r of each adapter (W + alpha / r * B A); 0 turns LoRA off. With r > 0 every base
+    weight is frozen (no gradient, no optimizer state) and only the adapters train."""
+    lora_alpha: float = 16.0
+    """The adapters' scale numerator: the update is lora_alpha / lora_rank * B A."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input during training (0 = none)."""
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "out", "gate_up", "down"])
+    """Which linear layers get an adapter: any of qkv, out (attention), gate_up, down (MLP)."""
+
+
+@dataclass
 class Config:
     """One training run."""
 
@@ -298,3 +334,5 @@ class Config:
     """Guards against bad steps and hangs."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and progress output."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """LoRA fine-tuning (off unless finetune.lora_rank > 0)."""

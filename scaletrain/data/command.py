@@ -33,6 +33,22 @@ def add_parser(data_cmds: argparse._SubParsersAction) -> None:  # type: ignore[t
     prepare.add_argument("--val-fraction", type=float, default=0.05)
     prepare.add_argument("--num-proc", type=int, default=2)
     prepare.add_argument("--text-field", default="text", help="column of jsonl/parquet inputs")
+    prepare.add_argument(
+        "--format",
+        dest="fmt",
+        choices=["text", "chat", "prompt-response", "classify"],
+        default="text",
+        help="text: pretraining; chat (messages lists) or prompt-response: SFT jsonl with a "
+        "loss mask on the responses; classify: csv/jsonl/parquet rows of --text-field and "
+        "--label-field (these need --tokenizer)",
+    )
+    prepare.add_argument("--label-field", default="label", help="label column (classify)")
+    prepare.add_argument(
+        "--max-length",
+        type=int,
+        default=128,
+        help="classify: tokens per example, longer texts are cut, shorter ones padded",
+    )
     prepare.add_argument("--seed", type=int, default=1234)
     prepare.add_argument(
         "--encoding", default="utf-8", help="codec of the text files, e.g. latin-1 (utf-8)"
@@ -75,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
                 text_field=args.text_field,
                 encoding=args.encoding,
                 globs=args.globs,
+                fmt=args.fmt,
+                label_field=args.label_field,
+                max_length=args.max_length,
             )
     except BaseException:
         # `datasets` turns an interrupted parallel map into a TimeoutError while unwinding,

@@ -4,6 +4,8 @@ A split is one long token stream (documents separated by eos, as packed by `prep
 Sample k is the window stream[k*seq_len : k*seq_len + seq_len + 1]: the first seq_len tokens are
 the input and the last seq_len the labels. Windows do not overlap, ignore document boundaries and
 may span two shard files. Nothing is read until a sample is asked for (numpy memmap).
+With `loss_mask` (data of kind "sft") a sample is [2, seq_len + 1]: the tokens and, below them,
+the stored mask (1 on response tokens) of the same positions.
 """
 
 from __future__ import annotations
@@ -32,13 +34,19 @@ class SampleDataset(Protocol):
 class TokenDataset:
     """Non-overlapping windows of seq_len + 1 tokens over one split of a prepared data set."""
 
-    def __init__(self, path: str | Path, split: str, seq_len: int) -> None:
+    def __init__(self, path: str | Path, split: str, seq_len: int, loss_mask: bool = False) -> None:
         if seq_len < 1:
             raise DataError(f"seq_len ({seq_len}) must be >= 1")
         self.path = Path(path)
         self.split = split
         self.seq_len = seq_len
+        self.loss_mask = loss_mask
         info = read_metadata(self.path)
+        if loss_mask and info.kind != "sft":
+            raise DataError(
+                f"data set {str(path)!r} has no loss mask (kind {info.kind!r}); train.task: sft "
+                "reads data prepared with `scaletrain data prepare --format chat|prompt-response`"
+            )
         if split not in info.splits:
             raise DataError(
                 f"data set {str(path)!r} has no split {split!r} (it has {', '.join(info.splits)})"
@@ -53,35 +61,50 @@ class TokenDataset:
                 f"split {split!r} of {str(path)!r} has {self.num_tokens} tokens, fewer than one "
                 f"window of seq_len + 1 = {seq_len + 1}; lower seq_len or prepare more data"
             )
-        self._shards: list[np.memmap] = []
-        for shard in s.shards:
+        self._shards = self._open(s.shards, info.dtype)
+        self._masks = self._open(s.mask_shards, "uint8") if loss_mask else []
+        # starts[j] = stream offset of shard j's first token; starts[-1] = stream length.
+        self._starts = np.cumsum([0] + [len(m) for m in self._shards])
+        self._len = (self.num_tokens - 1) // seq_len
+
+    def _open(self, shards: list, dtype: str) -> list[np.memmap]:
+        out = []
+        for shard in shards:
             file = self.path / shard.file
             if not file.is_file() or file.stat().st_size != shard.num_bytes:
                 raise DataError(
                     f"shard {str(file)!r} is missing or has the wrong size; prepare the data again"
                 )
             if shard.num_tokens:
-                self._shards.append(np.memmap(file, dtype=info.dtype, mode="r"))
-        # starts[j] = stream offset of shard j's first token; starts[-1] = stream length.
-        self._starts = np.cumsum([0] + [len(m) for m in self._shards])
-        self._len = (self.num_tokens - 1) // seq_len
+                out.append(np.memmap(file, dtype=dtype, mode="r"))
+        return out
 
     def __len__(self) -> int:
         return self._len
 
     def __getitem__(self, index: int) -> np.ndarray:
         start = _sample_position(index, self._len) * self.seq_len
-        return self.tokens(start, start + self.seq_len + 1)
+        stop = start + self.seq_len + 1
+        if self.loss_mask:
+            return np.stack([self.tokens(start, stop), self.mask(start, stop)])
+        return self.tokens(start, stop)
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """stream[start:stop] as int64, gathered across shard borders."""
+        return self._gather(self._shards, start, stop)
+
+    def mask(self, start: int, stop: int) -> np.ndarray:
+        """The loss mask of stream[start:stop] (1: a response token), as int64."""
+        return self._gather(self._masks, start, stop)
+
+    def _gather(self, shards: list[np.memmap], start: int, stop: int) -> np.ndarray:
         if not 0 <= start <= stop <= self.num_tokens:
             raise IndexError(f"token range [{start}, {stop}) outside [0, {self.num_tokens})")
         out = np.empty(stop - start, dtype=np.int64)
         j = int(np.searchsorted(self._starts, start, side="right")) - 1
         pos = start
         while pos < stop:
-            shard = self._shards[j]
+            shard = shards[j]
             lo = pos - int(self._starts[j])
             hi = min(stop - int(self._starts[j]), len(shard))
             out[pos - start : pos - start + hi - lo] = shard[lo:hi]
@@ -91,10 +114,17 @@ class TokenDataset:
 
     # Memmaps would be pickled as full in-memory copies (spawned DataLoader workers); reopen.
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "split": self.split, "seq_len": self.seq_len}
+        return {
+            "path": self.path,
+            "split": self.split,
+            "seq_len": self.seq_len,
+            "loss_mask": self.loss_mask,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        TokenDataset.__init__(self, state["path"], state["split"], state["seq_len"])
+        TokenDataset.__init__(
+            self, state["path"], state["split"], state["seq_len"], state.get("loss_mask", False)
+        )
 
     def __repr__(self) -> str:
         return (
@@ -200,18 +230,20 @@ def build_dataset(
     split: str,
     seq_len: int,
     seed: int,
+    loss_mask: bool = False,
 ) -> TokenDataset | BlendedDataset:
     """The dataset a run trains or evaluates on: one prepared folder, or a blend of several.
 
     weights None weighs the folders equally (as `data.weights: null` in the config promises).
+    loss_mask: samples carry the SFT loss mask (every folder must be of kind "sft").
     """
     if not paths:
         raise DataError("no data paths given; prepare data with `scaletrain data prepare`")
     if weights is not None and len(weights) != len(paths):
         raise DataError(f"got {len(weights)} weights for {len(paths)} data paths; give one each")
     if len(paths) == 1:
-        return TokenDataset(paths[0], split, seq_len)
-    parts = [TokenDataset(p, split, seq_len) for p in paths]
+        return TokenDataset(paths[0], split, seq_len, loss_mask)
+    parts = [TokenDataset(p, split, seq_len, loss_mask) for p in paths]
     blend = BlendedDataset(parts, weights if weights is not None else [1.0] * len(parts), seed)
     logger.info(
         "blending %s (%s split) with weights %s: %d samples",

@@ -7,6 +7,9 @@ Layout of a prepared folder (written by `prepare_dataset`, read by `TokenDataset
     <split>/shard_00000.bin     raw little-endian uint16/uint32 token ids, documents back to back,
     <split>/shard_00001.bin     each followed by eos; a document may continue in the next shard
     <split>/index.npy           int64 document start offsets into the split's stream, plus its end
+    <split>/mask_00000.bin      kind "sft" only: one uint8 per token, 1 where the token is a
+                                response token (a label the loss counts), shards as the tokens'
+    <split>/labels.npy          kind "classify" only: int64 label id of each padded sequence
     .prepare.lock               taken while a prepare runs, so concurrent runs do not collide
 """
 
@@ -26,6 +29,9 @@ METADATA_FILE = "metadata.json"
 TOKENIZER_DIR = "tokenizer"
 INDEX_FILE = "index.npy"
 SPLITS = ("train", "val")
+# What the shards hold: "pretrain" token streams, "sft" ones with a loss mask beside them, or
+# "classify" padded sequences with a label each (`classify.py`).
+KINDS = ("pretrain", "sft", "classify")
 
 
 class DataError(ScaletrainError, ValueError):
@@ -59,6 +65,10 @@ class SplitInfo:
     shards: list[ShardInfo]
     index_file: str
     """Relative path of the int64 document offsets (num_documents + 1 entries)."""
+    mask_shards: list[ShardInfo] = field(default_factory=list)
+    """Kind "sft": the uint8 loss-mask shards, one per token shard with its token count."""
+    label_file: str = ""
+    """Kind "classify": relative path of the int64 label ids, one per sequence."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,10 @@ class PreparedInfo:
     inputs: dict[str, Any] = field(default_factory=dict)
     """Number of input files and bytes, and the input arguments as given."""
     settings: dict[str, Any] = field(default_factory=dict)
+    kind: str = "pretrain"
+    """One of KINDS; metadata written before kinds existed is "pretrain"."""
+    labels: list[str] = field(default_factory=list)
+    """Kind "classify": the label names; a label's id is its position."""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -92,6 +106,8 @@ class PreparedInfo:
                 num_documents=int(s["num_documents"]),
                 shards=[ShardInfo(**sh) for sh in s["shards"]],
                 index_file=s["index_file"],
+                mask_shards=[ShardInfo(**sh) for sh in s.get("mask_shards", [])],
+                label_file=s.get("label_file", ""),
             )
             for name, s in d["splits"].items()
         }

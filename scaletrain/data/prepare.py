@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scaletrain.data import shards, sources, tokenizing
+from scaletrain.data import classify, sft, shards, sources, tokenizing
 from scaletrain.data.format import (
     FORMAT_VERSION,
     SPLITS,
@@ -53,6 +53,9 @@ def prepare_dataset(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     encoding: str = "utf-8",
     globs: Sequence[str] = (),
+    fmt: str = "text",
+    label_field: str = "label",
+    max_length: int = classify.DEFAULT_MAX_LENGTH,
 ) -> PreparedInfo:
     """Tokenize `inputs` into `output` (see `format.py`) and return its metadata.
 
@@ -65,6 +68,10 @@ def prepare_dataset(
     max_shard_bytes: shard size limit; small values are for tests.
     encoding: codec of the text (and json) files; files not valid in it are named in a warning.
     globs: file-name patterns (e.g. "*.rst") of further files in folders to read as text.
+    fmt: "text" for pretraining; "chat" or "prompt-response" for SFT records with a loss mask
+        (`sft.py`), which need the `tokenizer` of the model they fine-tune; "classify" for
+        labelled texts (csv too) cut and padded to `max_length` tokens (`classify.py`).
+    label_field: the label column of "classify" inputs.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction ({val_fraction}) must be in [0, 1)")
@@ -72,11 +79,17 @@ def prepare_dataset(
         raise DataError(f"num_proc ({num_proc}) must be >= 1")
     if tokenizer is None and vocab_size is None:
         raise DataError("give a tokenizer folder (--tokenizer) or a vocab_size to train one")
+    if fmt != "text" and tokenizer is None:
+        raise DataError(
+            f"--format {fmt} needs --tokenizer DIR: the tokenizer of the model it fine-tunes"
+        )
     encoding = sources.check_encoding(encoding)
     t0 = time.perf_counter()
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     output = Path(output).absolute()
+    if fmt == classify.FORMAT:  # csv files are tables here, not text
+        globs = [*globs, "*.csv"]
     files = resolve_inputs(inputs, exclude=output, globs=globs)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     if tok is not None and vocab_size is not None and vocab_size != tok.vocab_size:
@@ -95,6 +108,13 @@ def prepare_dataset(
         "globs": list(globs),
         "max_piece_chars": MAX_PIECE_CHARS,
     }
+    if fmt != "text":  # pretraining settings (and so their fingerprints) stay as they were
+        settings["format"] = fmt
+        assert tokenizer is not None
+        if fmt == classify.FORMAT:
+            settings.update(label_field=label_field, max_length=max_length)
+        else:
+            settings["chat_template"] = sft.template_hash(tokenizer)
     fingerprint = _fingerprint(files, settings)
     output.mkdir(parents=True, exist_ok=True)
     # Several ranks or jobs may prepare the same folder at once: one builds, the others then
@@ -111,7 +131,14 @@ def prepare_dataset(
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         try:
-            info = _build(files, work, tok, vocab_size, settings, fingerprint, num_proc)
+            if fmt == "text":
+                info = _build(files, work, tok, vocab_size, settings, fingerprint, num_proc)
+            elif fmt == classify.FORMAT:
+                assert tok is not None
+                info = classify.build(files, work, tok, settings, fingerprint)
+            else:
+                assert tok is not None and tokenizer is not None
+                info = sft.build(files, work, tok, tokenizer, settings, fingerprint, num_proc)
             info = dataclasses.replace(
                 info, path=output, inputs={**info.inputs, "args": _describe_args(inputs)}
             )

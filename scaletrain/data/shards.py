@@ -39,8 +39,10 @@ WORK_PREFIX = ".tmp-prepare-"
 class ShardWriter:
     """Appends tokens to fixed-size shard files; documents may straddle two shards."""
 
-    def __init__(self, folder: Path, rel: str, dtype: np.dtype, max_shard_bytes: int) -> None:
-        self.folder, self.rel, self.dtype = folder, rel, dtype
+    def __init__(
+        self, folder: Path, rel: str, dtype: np.dtype, max_shard_bytes: int, prefix: str = "shard"
+    ) -> None:
+        self.folder, self.rel, self.dtype, self.prefix = folder, rel, dtype, prefix
         self.tokens_per_shard = max(1, max_shard_bytes // dtype.itemsize)
         self.shards: list[ShardInfo] = []
         self._file: Any = None
@@ -51,7 +53,7 @@ class ShardWriter:
         tokens = tokens.astype(self.dtype, copy=False)
         while tokens.size:
             if self._file is None:
-                name = f"shard_{len(self.shards):05d}.bin"
+                name = f"{self.prefix}_{len(self.shards):05d}.bin"
                 self._file = open(self.folder / name, "wb")  # noqa: SIM115 closed in _close
                 self._name = name
             part = tokens[: self.tokens_per_shard - self._count]
@@ -117,7 +119,7 @@ def current_dataset(output: Path, fingerprint: str) -> PreparedInfo | None:
     if info.fingerprint != fingerprint:
         return None
     for split in info.splits.values():
-        for shard in split.shards:
+        for shard in [*split.shards, *split.mask_shards]:
             f = output / shard.file
             if not f.is_file() or f.stat().st_size != shard.num_bytes:
                 return None

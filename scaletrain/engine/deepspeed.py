@@ -17,7 +17,8 @@ from torch import nn
 
 from scaletrain.config.checks import Resolved
 from scaletrain.config.schema import Config
-from scaletrain.models.moe import check_expert_layout
+from scaletrain.engine.moe_stages import join_expert_norm_reductions
+from scaletrain.models.moe import check_expert_layout, create_expert_groups
 from scaletrain.plan.flops import parameter_count
 from scaletrain.topology.init import Topology
 from scaletrain.train.schedule import build_scheduler
@@ -134,6 +135,8 @@ def initialize_engine(
     own = OwnClipping(optimizer, o.grad_clip) if clips_itself(config) else None
     scheduler: Callable = lambda opt: build_scheduler(opt, o, config.train.steps)  # noqa: E731
     pipelined = isinstance(model, PipelineModule)
+    if config.model.num_experts:
+        create_expert_groups(resolved.dims.ep, topology.mpu)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -146,6 +149,8 @@ def initialize_engine(
     if own is not None:
         own.engine = engine
     check_expert_layout(engine.module)
+    if pipelined and config.model.num_experts:
+        join_expert_norm_reductions(engine, topology.groups.pp, resolved.dims.ep, own is not None)
     return engine, own
 
 

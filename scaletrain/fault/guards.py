@@ -12,8 +12,14 @@ import math
 import statistics
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from scaletrain.config.schema import FaultConfig
+from scaletrain.errors import ScaletrainError
+from scaletrain.logs import get_logger
+from scaletrain.train.callbacks import GUARD, Callback
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,3 +65,44 @@ class LossGuard:
         """After a rollback the old window describes a model we no longer have."""
         self.history.clear()
         self.consecutive_skips = 0
+
+
+class GuardCallback(Callback):
+    """After each step: flag a spike, or reload the newest good checkpoint when the guard says
+    so. The data sampler keeps going, so the batches since that checkpoint are skipped rather
+    than replayed."""
+
+    priority = GUARD
+
+    def __init__(self, guard: LossGuard) -> None:
+        self.guard = guard
+
+    def on_step_end(self, metrics: dict[str, Any]) -> None:
+        verdict = self.guard.observe(metrics["loss"], metrics["skipped"])
+        if verdict.spike:
+            metrics["loss_spike"] = True
+            log.warning("loss spike at step %d: %.4f", self.trainer.step, metrics["loss"])
+        if verdict.rollback:
+            metrics["rolled_back_to"] = self.rollback(verdict.rollback)
+
+    def rollback(self, reason: str) -> int:
+        """Returns the step rolled back to."""
+        t = self.trainer
+        folder = t.checkpoints.newest_good()
+        if folder is None:
+            raise ScaletrainError(
+                f"fault: {reason} at step {t.step} and no checkpoint to roll back to; "
+                "set checkpoint.interval or fix the data/learning rate"
+            )
+        failed_step = t.step
+        state = t.checkpoints.load(t.engine, folder, full=True)
+        assert state is not None  # a full load always returns the loop state
+        t.step = state.step
+        self.guard.reset()
+        log.warning(
+            "%s at step %d: rolled back to %s; the batches since are skipped",
+            reason,
+            failed_step,
+            folder.name,
+        )
+        return t.step

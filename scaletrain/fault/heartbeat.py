@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from scaletrain.launch.outcome import record_exit
 from scaletrain.logs import get_logger
+from scaletrain.train.callbacks import HEARTBEAT, Callback
 
 log = get_logger(__name__)
 
@@ -110,3 +111,27 @@ class Heartbeat:
             PHASES[m.phase],
             ", ".join(named.values()),
         )
+
+
+class HeartbeatCallback(Callback):
+    """Moves the heartbeat's marker at each phase of the loop the trainer announces."""
+
+    priority = HEARTBEAT
+
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        self.heartbeat = heartbeat
+
+    def on_step_start(self, step: int) -> None:
+        self.heartbeat.mark(step, 0, "start")
+
+    def on_micro_batch(self, step: int, micro: int, phase: str) -> None:
+        self.heartbeat.mark(step, micro, phase)
+
+    def on_eval(self, step: int) -> None:
+        self.heartbeat.mark(step, 0, "eval")
+
+    def on_save(self, step: int) -> None:
+        self.heartbeat.mark(step, 0, "save")
+
+    def on_close(self) -> None:
+        self.heartbeat.close()

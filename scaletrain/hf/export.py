@@ -22,6 +22,9 @@ from scaletrain.checkpoint.manifest import MANIFEST, list_checkpoints, read_late
 from scaletrain.checkpoint.tools import checkpoints_root
 from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import ScaletrainError
+from scaletrain.hf.classify_export import ClassifierExport, classifier_export
+from scaletrain.hf.lora_export import lora_export_weights, write_peft_adapter
+from scaletrain.models.classify_plan import is_classifier, with_score
 from scaletrain.models.registry import Family, family_of, saved_model_config
 from scaletrain.models.split_plan import to_hf
 
@@ -52,10 +55,11 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def hf_state_dict(
-    weights: dict[str, torch.Tensor], cfg: ModelConfig, family: Family
+    weights: dict[str, torch.Tensor], cfg: ModelConfig, family: Family, classifier: bool = False
 ) -> dict[str, torch.Tensor]:
     """Our full weights under their Hugging Face (safetensors file) names."""
     plan = family.split_plan(cfg)
+    plan = with_score(plan) if classifier else plan
     out: dict[str, torch.Tensor] = {}
     for name, full in weights.items():
         weight, index = plan.find(name)
@@ -71,8 +75,11 @@ def export_hf(
     dtype: str = "fp32",
     tokenizer: Path | None = None,
     force: bool = False,
+    lora: str | None = None,
 ) -> Exported:
-    """Write checkpoint (or run folder) `source` as a Hugging Face model folder `out`."""
+    """Write checkpoint (or run folder) `source` as a Hugging Face model folder `out`; a LoRA
+    checkpoint with `lora` merge (its base with the adapters folded in) or adapter (a peft
+    adapter folder, see `scaletrain.hf.lora_export`)."""
     if out.exists() and not force:
         raise ScaletrainError(f"{out} exists; pass --force to replace it")
     checkpoint = find_checkpoint(source)
@@ -82,9 +89,17 @@ def export_hf(
     family.exportable(cfg, str(checkpoint))
     tok_dir = tokenizer or _data_tokenizer(manifest_cfg)
     cfg = replace(cfg, vocab_size=_real_vocab(cfg, manifest_cfg, tok_dir))
-    _, weights = consolidated_weights(checkpoint)
-    count = write_hf_folder(weights, cfg, out, dtype, tok_dir)
-    return Exported(out, checkpoint, family.hf_architecture, count)
+    manifest, weights = consolidated_weights(checkpoint)
+    weights, finetune, base = lora_export_weights(checkpoint, manifest.data, cfg, weights, lora)
+    if finetune is not None and base is not None and lora == "adapter":
+        count = write_peft_adapter(weights, cfg, finetune, base, out)
+        return Exported(out, checkpoint, "a peft LoRA adapter", count)
+    head = None
+    if is_classifier(manifest_cfg):
+        head = classifier_export(manifest_cfg, weights, str(checkpoint))
+    count = write_hf_folder(weights, cfg, out, dtype, tok_dir, classifier=head)
+    architecture = head.architecture(family.hf_architecture) if head else family.hf_architecture
+    return Exported(out, checkpoint, architecture, count)
 
 
 def write_hf_folder(
@@ -94,16 +109,18 @@ def write_hf_folder(
     dtype: str = "fp32",
     tokenizer: Path | None = None,
     max_shard_size: str = MAX_SHARD,
+    classifier: ClassifierExport | None = None,
 ) -> int:
     """Write our full weights (whole-model names, real `cfg.vocab_size`) as an HF folder at
-    `out`, replacing it; returns the number of parameters written."""
+    `out`, replacing it; returns the number of parameters written. With `classifier` the
+    folder is the family's sequence classifier (`scaletrain.hf.classify_export`)."""
     family = family_of(cfg)
-    state = hf_state_dict(weights, cfg, family)
+    state = hf_state_dict(weights, cfg, family, classifier is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.{os.getpid()}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        _save(state, cfg, family, DTYPES[dtype], tokenizer, partial, max_shard_size)
+        _save(state, cfg, family, DTYPES[dtype], tokenizer, partial, max_shard_size, classifier)
         _umask_modes(partial)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -121,17 +138,23 @@ def _save(
     tok_dir: Path | None,
     out: Path,
     max_shard_size: str,
+    classifier: ClassifierExport | None = None,
 ) -> None:
     import transformers
 
-    config = transformers.AutoConfig.for_model(**family.hf_config(cfg))
+    fields = family.hf_config(cfg)
+    architecture = family.hf_architecture
+    if classifier is not None:
+        architecture = classifier.architecture(architecture)
+        fields = {**fields, **classifier.hf_config(), "architectures": [architecture]}
+    config = transformers.AutoConfig.for_model(**fields)
     eos = bos = None
     if tok_dir is not None:
-        bos, eos = _save_tokenizer(tok_dir, out)
+        bos, eos = _save_tokenizer(tok_dir, out, pad=classifier is not None)
         config.eos_token_id, config.bos_token_id = eos, bos
     # transformers' own loading (its conversion of file names to its in-memory layout, e.g.
     # Mixtral's stacked experts) and saving (shards, index, config, generation config).
-    model_class = getattr(transformers, family.hf_architecture)
+    model_class = getattr(transformers, architecture)
     model, info = model_class.from_pretrained(
         None,
         config=config,
@@ -161,8 +184,9 @@ def _umask_modes(folder: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
-def _save_tokenizer(tok_dir: Path, out: Path) -> tuple[int, int]:
-    """The tokenizer as transformers' fast tokenizer files; returns (bos id, eos id)."""
+def _save_tokenizer(tok_dir: Path, out: Path, pad: bool = False) -> tuple[int, int]:
+    """The tokenizer as transformers' fast tokenizer files; returns (bos id, eos id). `pad`:
+    eos is also the pad token (a classifier's data is padded with it)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -175,6 +199,7 @@ def _save_tokenizer(tok_dir: Path, out: Path) -> tuple[int, int]:
         tokenizer_object=backend,
         eos_token=ours.eos_token,
         bos_token=ours.eos_token,
+        pad_token=ours.eos_token if pad else None,
         clean_up_tokenization_spaces=False,
     )
     fast.save_pretrained(out)

@@ -130,6 +130,7 @@ def load_hf_weights(
     import torch
     import torch.distributed as dist
 
+    from scaletrain.models.classify_plan import SCORE_WEIGHT
     from scaletrain.models.registry import family_of, pipeline_layer_names
     from scaletrain.models.split_plan import split_tp
 
@@ -142,6 +143,9 @@ def load_hf_weights(
     local_experts = cfg.num_experts // max(ep.size, 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
+            # Adapters and a classifier's score start as their init made them.
+            if name.endswith((".lora_A", ".lora_B")) or name == SCORE_WEIGHT:
+                continue
             whole = _whole_name(name, layers)
             whole = _global_expert(whole, ep.rank * local_experts)
             split = plan.split_of(whole)

@@ -15,6 +15,7 @@ import yaml
 
 from scaletrain.config.load import _build, _read_yaml
 from scaletrain.errors import ConfigError
+from scaletrain.plan.hardware import hardware_names
 
 CLUSTERS_DIR = Path(__file__).resolve().parents[2] / "configs" / "clusters"
 OVERRIDE_PREFIX = "cluster."
@@ -37,6 +38,10 @@ class ClusterConfig:
     gpus_per_node: int = 8
     """GPUs requested per node (`--gpus-per-node`) and ranks started per node by torchrun. On
     the one-machine test cluster these are CPU ranks on fake GPUs."""
+    gpu: str | None = None
+    """The nodes' GPU: an entry of configs/hardware.yaml (e.g. "H100-SXM"). `launch slurm`
+    plans the job for it (per-rank memory, tokens/s, ETA) and refuses a layout that does not
+    fit; null = no plan check."""
     cpus_per_task: int | None = None
     """`--cpus-per-task` for the one task per node (it runs torchrun and all its ranks);
     passed to srun too, which does not inherit it since SLURM 22.05."""
@@ -126,6 +131,13 @@ def _check(cluster: ClusterConfig) -> None:
             "cluster.signal_lead_seconds",
             f"must be >= 1 (seconds before the time limit), got {cluster.signal_lead_seconds}",
         )
+    if cluster.gpu is not None:
+        known = hardware_names()
+        if cluster.gpu not in known:
+            raise ConfigError(
+                "cluster.gpu",
+                f"{cluster.gpu!r} is not in configs/hardware.yaml; known: {', '.join(known)}",
+            )
     if not cluster.time.strip():
         raise ConfigError("cluster.time", "is empty; give a limit such as '04:00:00'")
     bad = [k for k in cluster.env if not k.isidentifier()]

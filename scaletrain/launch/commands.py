@@ -30,15 +30,16 @@ def launch(args: argparse.Namespace) -> int:
 
 def _slurm(args: argparse.Namespace) -> int:
     from scaletrain.launch.cluster import cluster_path, load_cluster, split_overrides
-    from scaletrain.launch.slurm import render_job, sbatch_commands, submit, write_job
+    from scaletrain.launch.slurm import plan_check, render_job, sbatch_commands, submit, write_job
 
     run_overrides, cluster_overrides = split_overrides(args.overrides)
     config = load_config(args.config, run_overrides)
     cluster = load_cluster(args.cluster, cluster_overrides)
+    nodes = cluster.nodes if args.nodes is None else args.nodes
     job = render_job(
         config,
         cluster,
-        nodes=cluster.nodes if args.nodes is None else args.nodes,
+        nodes=nodes,
         chain=args.chain,
         workdir=Path(os.getcwd()),
         config_source=" ".join(shlex.quote(w) for w in [args.config, *run_overrides]),
@@ -46,10 +47,16 @@ def _slurm(args: argparse.Namespace) -> int:
             shlex.quote(w) for w in [str(cluster_path(args.cluster)), *cluster_overrides]
         ),
     )
+    # Refuses (exit 2, nothing written) when the plan's largest stage does not fit.
+    if args.no_plan_check:
+        summary = "plan: not checked (--no-plan-check)"
+    else:
+        summary = plan_check(config, cluster, nodes)
     if args.dry_run:
         print(job.script_text, end="")
-        print("\n# submit with:\n" + "\n".join(sbatch_commands(job)))
+        print(f"\n# {summary}\n# submit with:\n" + "\n".join(sbatch_commands(job)))
         return 0
+    print(summary)
     write_job(job)
     if not args.submit:
         print(f"wrote {job.script} and {job.config}; submit with:")

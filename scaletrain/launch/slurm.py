@@ -78,6 +78,59 @@ def check_layout(config: Config, nodes: int, gpus_per_node: int) -> Resolved:
     return check_config(config, world, check_data=data_here, ranks_here=False)
 
 
+def plan_check(config: Config, cluster: ClusterConfig, nodes: int) -> str:
+    """The plan's one-line summary of the job on `cluster.gpu`; a ScaletrainError (exit 2)
+    naming the stage, the excess and the best fitting layout of `plan --search` when the
+    largest stage does not fit in the device's memory. Builds nothing, starts nothing."""
+    from scaletrain.plan.hardware import load_hardware
+    from scaletrain.plan.planner import layout_name, make_plan
+    from scaletrain.plan.search import search
+
+    if cluster.gpu is None:
+        return "plan: cluster.gpu is not set (an entry of configs/hardware.yaml): no plan check"
+    resolved = check_layout(config, nodes, cluster.gpus_per_node)
+    world = resolved.dims.world_size
+    hw = load_hardware(cluster.gpu, world, cluster.gpus_per_node)
+    plan = make_plan(config, resolved, hw)
+    big, gb = plan.largest, 1e9
+    if plan.fits:
+        eta = config.train.steps * plan.time.step_time_s
+        return (
+            f"plan: {layout_name(plan)} on {world} x {hw.name}: largest stage {big.stage} "
+            f"{big.total_bytes / gb:.1f} GB of {hw.memory_bytes / gb:.1f} GB per rank (margin "
+            f"{plan.margin_bytes / gb:.1f} GB), {plan.tokens_per_sec:,.0f} tokens/s, ETA "
+            f"{_duration(eta)} for {config.train.steps} steps"
+        )
+    fitting, _, _ = search(config, resolved, world, hw)
+    if fitting:
+        best = fitting[0]
+        b = best.config
+        fix = (
+            f"best fitting layout from plan --search: {layout_name(best)} "
+            f"({best.tokens_per_sec:,.0f} tokens/s; parallel.tp={b.parallel.tp} "
+            f"parallel.pp={b.parallel.pp} parallel.ep={b.parallel.ep} "
+            f"parallel.zero_stage={b.parallel.zero_stage} train.micro_batch={b.train.micro_batch}"
+            f" model.activation_checkpointing={b.model.activation_checkpointing})"
+        )
+    else:
+        fix = f"no layout of {world} ranks fits (plan --search); add nodes"
+    raise ScaletrainError(
+        f"plan: stage {big.stage} needs {big.total_bytes / gb:.1f} GB per rank, "
+        f"{-plan.margin_bytes / gb:.1f} GB more than the {hw.memory_bytes / gb:.1f} GB of "
+        f"{hw.name} ({layout_name(plan)}); {fix}; or pass --no-plan-check"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def absolute_paths(config: Config, workdir: Path) -> Config:
     """The same config with run, data and checkpoint folders made absolute against workdir."""
 

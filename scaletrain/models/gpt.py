@@ -80,7 +80,7 @@ class GPT(nn.Module):
         self.tp = tp
         seeds = LayerSeeds()
         # MoE: the router's numbers of every MoE block; the trainer collects them per step.
-        self.moe_stats = RouterStats(cfg.num_experts) if cfg.num_experts else None
+        self.moe_stats = RouterStats.of(cfg) if cfg.num_experts else None
         built = {}
         for layer in model_layers(cfg, padded_vocab_size, tp, ep, self.moe_stats):
             with seeds(layer.seed):
@@ -98,21 +98,30 @@ class GPT(nn.Module):
         tied = self.embedding.weight if self.cfg.tie_embeddings else None
         return self.head(self.norm(x), tied)
 
-    def forward(self, window: torch.Tensor) -> torch.Tensor:
-        inputs, labels = window[:, :-1], window[:, 1:]
-        loss = self.tp.cross_entropy(self.logits(inputs), labels).mean()
-        if self.moe_stats is None or not self.training:
-            return loss
-        return loss + self._router_losses()
+    def forward(
+        self, window: torch.Tensor, loss_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The LM loss only: the router losses enter backward inside each MoE block
+        (`RouterLossScaler`), so the loss reported (and compared across layouts) is the LM's.
 
-    def _router_losses(self) -> torch.Tensor:
-        """MoE: coeff * (load-balancing loss) + coeff * (z-loss) as a term whose value is
-        exactly 0 but whose gradient is theirs: backward trains the router with them while
-        the loss the trainer reports (and compares across layouts) stays the LM loss."""
-        aux, z = self.moe_stats.losses()
-        self.moe_stats.fold()
-        total = self.cfg.moe_aux_loss_coeff * aux + self.cfg.moe_z_loss_coeff * z
-        return total - total.detach()
+        loss_weights ([batch, seq], `train.task: sft`): weigh each label's loss (see
+        `token_loss`) instead of taking the mean over all of them."""
+        inputs, labels = window[:, :-1], window[:, 1:]
+        loss = token_loss(self.tp.cross_entropy(self.logits(inputs), labels), loss_weights)
+        if self.moe_stats is not None and self.training:
+            self.moe_stats.fold()
+        return loss
+
+
+def token_loss(per_token: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean of the per-label losses, or their weighted sum.
+
+    SFT weights are the loss mask scaled by the trainer (`scaletrain.train.sft`) so that
+    DeepSpeed's mean over micro-batches and data-parallel ranks comes out as the mean over the
+    response tokens of the whole global batch; masked labels weigh exactly 0 (no gradient)."""
+    if weights is None:
+        return per_token.mean()
+    return (per_token * weights).sum()
 
 
 def model_layers(

@@ -23,6 +23,7 @@ class Rotary(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)
         # Plain attributes, not buffers: a bf16/fp16 cast of the module must not round them.
         self.cos, self.sin = angles.cos().float(), angles.sin().float()
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     @functools.cache
@@ -30,11 +31,20 @@ class Rotary(nn.Module):
         """One table per shape for all blocks: every block (and pipeline stage) uses the same."""
         return Rotary(head_dim, max_seq_len, theta)
 
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin on `device`, copied there once: a copy from pageable host memory in
+        every call would make each block's forward wait until the GPU's queue has drained."""
+        if device.type == "cpu":
+            return self.cos, self.sin
+        if device not in self._on_device:
+            self._on_device[device] = (self.cos.to(device), self.sin.to(device))
+        return self._on_device[device]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, seq, heads, head_dim]."""
         seq = x.shape[1]
-        cos = self.cos[:seq, None, :].to(x.device)
-        sin = self.sin[:seq, None, :].to(x.device)
+        cos, sin = self.tables(x.device)
+        cos, sin = cos[:seq, None, :], sin[:seq, None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return (x.float() * cos + rotated * sin).to(x.dtype)
@@ -53,9 +63,12 @@ class Attention(nn.Module):
         self.q_per_kv = cfg.num_heads // cfg.kv_heads
         self.local_kv_heads = cfg.kv_heads // tp.size
         qkv_size = cfg.kv_heads * (self.q_per_kv + 2) * cfg.head_dim
-        self.qkv = tp.column(cfg.hidden_size, qkv_size, std=cfg.init_std)
+        self.qkv = tp.column(cfg.hidden_size, qkv_size, std=cfg.init_std, lora_target="qkv")
         self.out = tp.row(
-            cfg.num_heads * cfg.head_dim, cfg.hidden_size, scaled_std(cfg.init_std, cfg.num_layers)
+            cfg.num_heads * cfg.head_dim,
+            cfg.hidden_size,
+            scaled_std(cfg.init_std, cfg.num_layers),
+            lora_target="out",
         )
 
     def forward(self, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
@@ -82,8 +95,15 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
         # stride=2: each rank keeps its slice of the gate *and* its slice of up.
-        self.gate_up = tp.column(cfg.hidden_size, 2 * cfg.ffn_size, std=cfg.init_std, stride=2)
-        self.down = tp.row(cfg.ffn_size, cfg.hidden_size, scaled_std(cfg.init_std, cfg.num_layers))
+        self.gate_up = tp.column(
+            cfg.hidden_size, 2 * cfg.ffn_size, std=cfg.init_std, stride=2, lora_target="gate_up"
+        )
+        self.down = tp.row(
+            cfg.ffn_size,
+            cfg.hidden_size,
+            scaled_std(cfg.init_std, cfg.num_layers),
+            lora_target="down",
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up(x)

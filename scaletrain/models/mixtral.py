@@ -22,6 +22,12 @@ _MOE = "blocks.{layer}.mlp.moe.deepspeed_moe."
 _EXPERT = _MOE + "experts.deepspeed_experts.{expert}."
 _HF = "model.layers.{layer}.block_sparse_moe."
 _HF_EXPERT = _HF + "experts.{expert}."
+# Routing options MixtralForCausalLM lacks carry DeepSeek-V3's HF names (consolidate writes them).
+_SHARED = "blocks.{layer}.mlp.shared."
+_HF_SHARED = "model.layers.{layer}.mlp.shared_experts."
+_HF_SHARED_GATE, _HF_SHARED_UP = _HF_SHARED + "gate_proj.weight", _HF_SHARED + "up_proj.weight"
+_HF_SHARED_DOWN = _HF_SHARED + "down_proj.weight"
+_HF_BIAS = "model.layers.{layer}.mlp.gate.e_score_correction_bias"
 
 
 def split_plan(cfg: ModelConfig) -> SplitPlan:
@@ -34,6 +40,13 @@ def split_plan(cfg: ModelConfig) -> SplitPlan:
         ),
         Weight(_EXPERT + "down.weight", Split.ROW, (_HF_EXPERT + "w2.weight",)),
     ]
+    if cfg.moe_router_bias_update_rate > 0:  # DeepSeek-V3's name for the selection bias
+        moe.append(Weight(_MOE + "gate.score_bias", Split.REPLICATED, (_HF_BIAS,)))
+    if cfg.moe_shared_experts:  # one SwiGLU of n x the width, as DeepSeek-V3's HF layout
+        moe += [
+            Weight(_SHARED + "gate_up.weight", Split.GATE_UP, (_HF_SHARED_GATE, _HF_SHARED_UP)),
+            Weight(_SHARED + "down.weight", Split.ROW, (_HF_SHARED_DOWN,)),
+        ]
     weights = llama.outer_weights(cfg) + llama.attention_weights() + moe
     if cfg.moe_layer_freq != 1:
         weights += llama.dense_mlp_weights()
@@ -42,10 +55,26 @@ def split_plan(cfg: ModelConfig) -> SplitPlan:
 
 def exportable(cfg: ModelConfig, where: str) -> None:
     """Refuse, in one line, what `MixtralForCausalLM` cannot express."""
-    if cfg.moe_top_k == 1:
+    if cfg.moe_top_k == 1 and not cfg.moe_top1_normalize:
         raise ScaletrainError(
-            f"{where}: top-1 routing cannot be exported to MixtralForCausalLM (DeepSpeed weights "
-            "the expert by its raw gate probability, HF Mixtral renormalises the chosen gates to 1)"
+            f"{where}: top-1 routing with model.moe_top1_normalize=false cannot be exported to "
+            "MixtralForCausalLM (it weights the expert by its raw gate probability, HF Mixtral "
+            "renormalises the chosen gates to 1)"
+        )
+    if cfg.moe_score_function != "softmax":
+        raise ScaletrainError(
+            f"{where}: model.moe_score_function={cfg.moe_score_function} cannot be exported to "
+            "MixtralForCausalLM, whose router is a softmax"
+        )
+    if cfg.moe_shared_experts:
+        raise ScaletrainError(
+            f"{where}: model.moe_shared_experts={cfg.moe_shared_experts} cannot be exported to "
+            "MixtralForCausalLM, which has no shared experts"
+        )
+    if cfg.moe_router_bias_update_rate > 0:
+        raise ScaletrainError(
+            f"{where}: model.moe_router_bias_update_rate={cfg.moe_router_bias_update_rate:g} "
+            "routes with a per-expert bias, which MixtralForCausalLM's router does not have"
         )
     if cfg.moe_layer_freq != 1:
         raise ScaletrainError(

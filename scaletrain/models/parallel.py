@@ -9,10 +9,13 @@ so a TP=N model holds exactly the slices of the TP=1 model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
@@ -20,7 +23,11 @@ from megatron.core.tensor_parallel import (
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
+from torch import nn
 from torch.distributed import ProcessGroup
+
+if TYPE_CHECKING:
+    from scaletrain.models.lora import LoraSpec
 
 
 def normal_init(std: float) -> Callable[[torch.Tensor], None]:
@@ -42,9 +49,11 @@ def seeded_rng(seed: int) -> Iterator[None]:
 class TensorParallel:
     """Factory of megatron-core parallel layers for one TP group."""
 
-    def __init__(self, size: int, group: ProcessGroup | None) -> None:
+    def __init__(self, size: int, group: ProcessGroup | None, lora: LoraSpec | None = None) -> None:
         self.size = size
         self.group = group
+        self.lora = lora
+        """LoRA adapters (finetune.lora_*) on the layers built with one of its targets."""
         self.config = ModelParallelConfig(
             tensor_model_parallel_size=size,
             use_cpu_initialization=True,
@@ -55,10 +64,16 @@ class TensorParallel:
         )
 
     def column(
-        self, in_features: int, out_features: int, std: float, stride: int = 1
+        self,
+        in_features: int,
+        out_features: int,
+        std: float,
+        stride: int = 1,
+        lora_target: str | None = None,
     ) -> ColumnParallelLinear:
-        """Output features split over TP; `stride` keeps fused blocks (e.g. gate|up) per rank."""
-        return ColumnParallelLinear(
+        """Output features split over TP; `stride` keeps fused blocks (e.g. gate|up) per rank.
+        `lora_target` names the layer for finetune.lora_targets (qkv, gate_up)."""
+        return self._adapted(ColumnParallelLinear, lora_target)(
             in_features,
             out_features,
             config=self.config,
@@ -82,9 +97,12 @@ class TensorParallel:
             tp_group=self.group,
         )
 
-    def row(self, in_features: int, out_features: int, std: float) -> RowParallelLinear:
-        """Input features split over TP; the partial outputs are summed over the group."""
-        return RowParallelLinear(
+    def row(
+        self, in_features: int, out_features: int, std: float, lora_target: str | None = None
+    ) -> RowParallelLinear:
+        """Input features split over TP; the partial outputs are summed over the group.
+        `lora_target` names the layer for finetune.lora_targets (out, down)."""
+        return self._adapted(RowParallelLinear, lora_target)(
             in_features,
             out_features,
             config=self.config,
@@ -93,6 +111,18 @@ class TensorParallel:
             input_is_parallel=True,
             skip_bias_add=False,
             tp_group=self.group,
+        )
+
+    def _adapted(self, layer: type, target: str | None) -> Callable[..., nn.Module]:
+        """`layer`, or its LoRA subclass when the run puts an adapter on `target`."""
+        if self.lora is None or target not in self.lora.targets:
+            return layer
+        from scaletrain.models.lora import LoraColumnParallelLinear, LoraRowParallelLinear
+
+        adapted = LoraRowParallelLinear if layer is RowParallelLinear else LoraColumnParallelLinear
+        rank = dist.get_rank(group=self.group) if self.size > 1 else 0
+        return functools.partial(
+            adapted, lora=self.lora, target=target, tp_size=self.size, tp_rank=rank
         )
 
     def embedding(self, vocab_size: int, hidden_size: int, std: float) -> VocabParallelEmbedding:

@@ -9,6 +9,9 @@ copies equal by broadcasting at start and all-reducing their gradients.
 
 DeepSpeed runs the 1F1B schedule over the step's micro-batches (`engine.train_batch`): the
 first stage reads the tokens, the last the labels, and the loss is computed there.
+MoE blocks train their routers inside their own backward (`scaletrain.models.moe.
+RouterLossScaler`): only the activations and their gradients cross stage boundaries, and a
+stage's `moe_stats` hold its own blocks' router numbers (the trainer sums them over stages).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
 from scaletrain.config.schema import ModelConfig
-from scaletrain.models.gpt import LayerSeeds, VocabHead, model_layers
+from scaletrain.models.gpt import LayerSeeds, VocabHead, model_layers, token_loss
 from scaletrain.models.layers import DecoderBlock
+from scaletrain.models.moe import ExpertParallel, RouterStats
 from scaletrain.models.parallel import TensorParallel
 from scaletrain.plan.flops import parameter_count
 from scaletrain.topology.dims import ParallelDims
@@ -74,14 +78,28 @@ class SeededTiedSpec(_SeededBuild, TiedLayerSpec):
 
 class GPTPipeline(PipelineModule):
     """A PipelineModule that balances "parameters" from counted weights instead of building
-    every layer on every rank (DeepSpeed's way, which costs the whole model's memory)."""
+    every layer on every rank (DeepSpeed's way, which costs the whole model's memory), and
+    folds its MoE blocks' router numbers once per micro-batch."""
 
-    def __init__(self, layers: list, layer_weights: list[int], **kwargs) -> None:
+    def __init__(
+        self,
+        layers: list,
+        layer_weights: list[int],
+        moe_stats: RouterStats | None = None,
+        **kwargs,
+    ) -> None:
         object.__setattr__(self, "_layer_weights", layer_weights)  # read during super().__init__
         super().__init__(layers, **kwargs)
+        self.moe_stats = moe_stats
 
     def _count_layer_params(self) -> list[int]:
         return list(self._layer_weights)
+
+    def forward(self, forward_input):
+        out = super().forward(forward_input)
+        if self.moe_stats is not None and self.training:
+            self.moe_stats.fold()
+        return out
 
 
 def pipeline_model(
@@ -90,12 +108,14 @@ def pipeline_model(
     tp: TensorParallel,
     dims: ParallelDims,
     partition: str,
+    ep: ExpertParallel | None = None,
 ) -> GPTPipeline:
     """This rank's stage of the GPT; the ranks are laid out as in `ParallelDims` (pp, dp, tp)."""
     seeds = LayerSeeds()
     layers: list = []
     embedding = None
-    for layer in model_layers(cfg, padded_vocab_size, tp):
+    stats = RouterStats.of(cfg) if cfg.num_experts else None
+    for layer in model_layers(cfg, padded_vocab_size, tp, ep, stats):
         if cfg.tie_embeddings and layer.name == "embedding":
             embedding = layer
             layers.append(SeededTiedSpec(seeds, layer.seed, layer.typename, layer.build))
@@ -111,6 +131,7 @@ def pipeline_model(
     return GPTPipeline(
         layers,
         layer_weights(cfg, padded_vocab_size),
+        stats,
         topology=PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp),
         loss_fn=functools.partial(_loss, tp),
         partition_method=PARTITION_METHODS[partition],
@@ -130,5 +151,13 @@ def _tied_logits(head: VocabHead, embedding: nn.Module, x: torch.Tensor) -> torc
     return head(x, embedding.weight)
 
 
-def _loss(tp: TensorParallel, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return tp.cross_entropy(logits, labels).mean()
+def _loss(
+    tp: TensorParallel,
+    logits: torch.Tensor,
+    labels: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """The last stage's loss; SFT labels come as (labels, loss weights), see `token_loss`."""
+    weights = None
+    if isinstance(labels, (tuple, list)):
+        labels, weights = labels
+    return token_loss(tp.cross_entropy(logits, labels), weights)

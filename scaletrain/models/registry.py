@@ -20,6 +20,7 @@ from scaletrain.models.split_plan import SplitPlan
 if TYPE_CHECKING:  # the checkpoint tools read split plans without importing megatron-core
     from torch import nn
 
+    from scaletrain.models.classifier import ClassifySpec
     from scaletrain.models.moe import ExpertParallel
     from scaletrain.models.parallel import TensorParallel
     from scaletrain.topology.dims import ParallelDims
@@ -78,12 +79,18 @@ def build_model(
     dims: ParallelDims,
     ep: ExpertParallel,
     partition: str,
+    classify: ClassifySpec | None = None,
 ) -> nn.Module:
-    """The whole model, or this rank's pipeline stage of it when pp > 1 (same weights)."""
+    """The whole model, or this rank's pipeline stage of it when pp > 1 (same weights);
+    with `classify` the sequence classifier (`train.task: classify`, no pipeline stages)."""
+    if classify is not None:
+        from scaletrain.models.classifier import Classifier
+
+        return Classifier(cfg, padded_vocab_size, tp, classify, ep)
     if dims.pp > 1:
         from scaletrain.models.pipeline import pipeline_model
 
-        return pipeline_model(cfg, padded_vocab_size, tp, dims, partition)
+        return pipeline_model(cfg, padded_vocab_size, tp, dims, partition, ep)
     from scaletrain.models.gpt import GPT
 
     return GPT(cfg, padded_vocab_size, tp, ep)
@@ -102,6 +109,13 @@ def saved_model_config(config: dict[str, Any]) -> ModelConfig:
 
 
 def saved_split_plan(manifest: dict[str, Any]) -> SplitPlan:
-    """The split plan of the model a checkpoint's manifest describes."""
-    cfg = saved_model_config(manifest.get("config") or {})
-    return family_of(cfg).split_plan(cfg)
+    """The split plan of the model a checkpoint's manifest describes (its LoRA adapters and a
+    classifier's score weight too)."""
+    from scaletrain.models.classify_plan import is_classifier, with_score
+    from scaletrain.models.lora_plan import with_lora
+
+    config = manifest.get("config") or {}
+    cfg = saved_model_config(config)
+    plan = family_of(cfg).split_plan(cfg)
+    plan = with_score(plan) if is_classifier(config) else plan
+    return with_lora(plan, config.get("finetune"))

@@ -15,9 +15,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from scaletrain.config.checks import check_config
+from scaletrain.config.checks import Resolved, check_config
 from scaletrain.config.load import load_config
-from scaletrain.plan.hardware import load_hardware
+from scaletrain.config.schema import Config
+from scaletrain.plan.hardware import Hardware, load_hardware
 from scaletrain.plan.planner import make_plan
 
 
@@ -44,6 +45,15 @@ def write_cases(
     path.write_text(json.dumps(spec, indent=1))
 
 
+def planned_rank_bytes(config: Config, resolved: Resolved, hw: Hardware) -> list[float]:
+    """Planned tensor bytes of every rank: its stage's total less the per-process overhead
+    (interpreter and libraries, which no tensor measurement sees)."""
+    plan = make_plan(config, resolved, hw)
+    dims = resolved.dims
+    stages = [plan.stages[dims.coords(rank)["pp"]] for rank in range(dims.world_size)]
+    return [stage.total_bytes - stage.overhead_bytes for stage in stages]
+
+
 def compare(cases_file: Path, result_file: Path, world_size: int) -> list[Row]:
     """One row per case: the rank whose measured peak the plan misses most."""
     spec = json.loads(cases_file.read_text())
@@ -52,17 +62,16 @@ def compare(cases_file: Path, result_file: Path, world_size: int) -> list[Row]:
     for case in json.loads(result_file.read_text()):
         config = load_config(spec["config"], spec["overrides"] + case["overrides"])
         resolved = check_config(config, world_size)
-        plan = make_plan(config, resolved, hw)
-        worst = None
-        for rank, measured in enumerate(case["ranks"]):
-            stage = plan.stages[resolved.dims.coords(rank)["pp"]]
-            planned = stage.total_bytes - stage.overhead_bytes
-            row = Row(case["name"], planned, measured["peak_bytes"], 0.0)
-            row = Row(row.name, planned, row.measured, planned / row.measured - 1)
-            if worst is None or abs(row.error) > abs(worst.error):
-                worst = row
-        rows.append(worst)
+        planned = planned_rank_bytes(config, resolved, hw)
+        measured = [rank["peak_bytes"] for rank in case["ranks"]]
+        rows.append(worst_rank(case["name"], planned, measured))
     return rows
+
+
+def worst_rank(name: str, planned: list[float], measured: list[float]) -> Row:
+    """The rank whose measured bytes the plan misses most (planned / measured - 1)."""
+    rows = [Row(name, p, m, p / m - 1) for p, m in zip(planned, measured, strict=True)]
+    return max(rows, key=lambda r: abs(r.error))
 
 
 def format_rows(rows: list[Row]) -> list[str]:

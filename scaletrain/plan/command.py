@@ -28,9 +28,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     plan.add_argument("--config", required=True, help="run YAML, e.g. configs/runs/tiny.yaml")
     plan.add_argument("--world-size", type=int, required=True, help="number of devices (ranks)")
-    where = plan.add_mutually_exclusive_group()
-    where.add_argument("--gpu", help=f"an entry of configs/hardware.yaml (default {DEFAULT_GPU})")
-    where.add_argument(
+    plan.add_argument(
+        "--gpu", help=f"an entry of configs/hardware.yaml (default {DEFAULT_GPU}; beats --cluster)"
+    )
+    plan.add_argument(
         "--cluster", help="configs/clusters/NAME or a path: its gpu and gpus_per_node"
     )
     plan.add_argument("--search", action="store_true", help="rank every valid layout that fits")
@@ -67,10 +68,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--top", f"must be >= 1, got {args.top}")
     if args.tokens is not None and args.tokens <= 0:
         raise ConfigError("--tokens", f"must be > 0, got {args.tokens:g}")
-    gpu, per_node = args.gpu, None
+    gpu, per_node = None, None
     if args.cluster:
         gpu, per_node = _cluster_gpu(args.cluster)
-    hw = load_hardware(gpu or DEFAULT_GPU, args.world_size, per_node)
+    hw = load_hardware(args.gpu or gpu or DEFAULT_GPU, args.world_size, per_node)
     config = load_config(args.config, args.overrides)
     resolved = check_config(config, args.world_size, check_data=bool(config.data.paths))
     own = make_plan(config, resolved, hw)

@@ -3,7 +3,8 @@
 Counts the matrix multiplies of forward and backward (3x forward, as in the PaLM and Megatron
 papers), including attention scores and the vocabulary head; norms and activations are ignored.
 Causal masking is not discounted, matching the usual MFU convention. An MoE token runs
-through top_k experts only, so MFU counts active parameters, not all experts.
+through top_k experts and the moe_shared_experts always-active ones only, so MFU counts
+active parameters, not all experts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def _block_matmul_params(cfg: ModelConfig, active: bool) -> int:
     out = cfg.num_heads * cfg.head_dim * cfg.hidden_size
     mlp = 3 * cfg.hidden_size * cfg.ffn_size
     moe = moe_layer_count(cfg)
-    experts = cfg.moe_top_k if active else cfg.num_experts
+    experts = (cfg.moe_top_k if active else cfg.num_experts) + cfg.moe_shared_experts
     router = cfg.hidden_size * cfg.num_experts
     return (
         cfg.num_layers * (qkv + out) + (cfg.num_layers - moe) * mlp + moe * (experts * mlp + router)

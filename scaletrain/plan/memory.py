@@ -96,8 +96,11 @@ def stage_params(config: Config, resolved: Resolved) -> list[StageParams]:
         n_moe = sum(moe[i] for i in blocks)
         dense = len(blocks) * (attn + 2 * h) + (len(blocks) - n_moe) * mlp
         dense += n_moe * h * m.num_experts  # the router is a plain Linear, whole on every rank
+        shared = m.moe_shared_experts * mlp  # TP-split like the dense MLP, replicated over EP
+        dense += n_moe * shared
         expert = n_moe * (m.num_experts // ep) * mlp
-        layers = [attn + 2 * h + (mlp if not moe[i] else expert // max(n_moe, 1)) for i in blocks]
+        moe_block = expert // max(n_moe, 1) + shared
+        layers = [attn + 2 * h + (mlp if not moe[i] else moe_block) for i in blocks]
         if first:
             dense += embedding
             layers.append(embedding)
@@ -200,14 +203,21 @@ def moe_activation_bytes(config: Config, resolved: Resolved, micro_batch: int) -
     expert_tokens = m.num_experts * cap  # ep ranks x local experts x capacity
     experts = expert_tokens * (h * e + 4 * f // dims.tp * e)
     dense_mlp = tokens * (h * e + 4 * f // dims.tp * e)
-    return float(router + masks + slots + experts - dense_mlp)
+    shared = m.moe_shared_experts * dense_mlp  # always-active experts: a dense MLP each
+    return float(router + masks + slots + experts + shared - dense_mlp)
 
 
 def activation_bytes(
-    config: Config, resolved: Resolved, blocks: range, micro_batch: int, attention: str
+    config: Config,
+    resolved: Resolved,
+    blocks: range,
+    micro_batch: int,
+    attention: str,
+    in_flight: int = 1,
 ) -> float:
-    """One micro-batch of a stage's blocks, by recompute mode: a recomputed block keeps only
-    its input; while one is recomputed in backward its full activations exist once more."""
+    """`in_flight` micro-batches of a stage's blocks, by recompute mode: a recomputed block
+    keeps only its input; while one is recomputed in backward its full activations exist
+    once more, once per stage (backward recomputes one block of one micro-batch at a time)."""
     m = config.model
     e = DTYPE_BYTES[config.precision.dtype]
     full = block_activation_bytes(config, micro_batch, resolved.dims.tp, attention)
@@ -223,7 +233,7 @@ def activation_bytes(
             recomputed = max(recomputed, block)
         else:
             total += block
-    return total + recomputed
+    return total * in_flight + recomputed
 
 
 def logits_bytes(config: Config, resolved: Resolved, micro_batch: int) -> float:

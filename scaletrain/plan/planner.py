@@ -63,8 +63,8 @@ def make_plan(config: Config, resolved: Resolved, hw: Hardware) -> Plan:
         dense = memory.model_states(p.dense, dtype, zero, dims.dp)
         expert = memory.model_states(p.expert, dtype, zero, dims.dp // dims.ep)
         flight = memory.in_flight(dims.pp, s, resolved.grad_accum)
-        act = memory.activation_bytes(config, resolved, blocks, resolved.micro_batch, hw.attention)
-        act *= flight
+        micro = resolved.micro_batch
+        act = memory.activation_bytes(config, resolved, blocks, micro, hw.attention, flight)
         logits = memory.logits_bytes(config, resolved, resolved.micro_batch) if p.last else 0.0
         rows.append(
             memory.StageMemory(

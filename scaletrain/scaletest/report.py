@@ -2,7 +2,10 @@
 
 A layout passes when at every one of the K steps its loss is within `tolerance` (relative) of
 the reference's loss at that step. Step time is the median over steps 2..K (step 1 pays for
-lazy allocations and DeepSpeed's first-step setup); peak memory is the largest of all ranks.
+lazy allocations and DeepSpeed's first-step setup); peak memory is the largest of all ranks,
+measured as live tensor bytes (see `worker.py`) and set beside what `scaletrain plan` predicts
+for the same layout: a layout whose worst rank the plan misses by more than `PLAN_WARN` is
+marked in the table, a warning only (the losses decide pass or fail).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ REPORT_PNG = "scaletest.png"  # the loss curves, drawn by scaletrain.plot
 # still catches: DeepSpeed's ZeRO-0 path accumulates and all-reduces low-precision gradients
 # where its ZeRO 1-3 keep them in fp32, and the two differ by 5.8e-3 (bf16) and 2.2e-2 (fp16).
 DEFAULT_TOLERANCE = {"fp32": 1e-5, "bf16": 1e-3, "fp16": 1e-3}
+PLAN_WARN = 0.15  # |planned / measured - 1| above this marks the layout's memory (issue 11)
+PLAN_MARK = "!"
 
 
 class ScaletestFailed(ScaletrainError):
@@ -60,6 +65,14 @@ class Row:
     peak_mem_bytes_per_rank: list[int]
     ok: bool
     losses: list[float]
+    planned_mem_bytes: float | None = None
+    """The plan's largest per-rank tensor bytes (its stage total less the process overhead)."""
+    plan_error: float | None = None
+    """planned / measured - 1 of the rank the plan misses most."""
+
+    @property
+    def plan_deviates(self) -> bool:
+        return self.plan_error is not None and abs(self.plan_error) > PLAN_WARN
 
 
 def read_run(run_dir: Path, name: str, steps: int) -> RunResult:
@@ -84,14 +97,21 @@ def read_run(run_dir: Path, name: str, steps: int) -> RunResult:
     return RunResult(name, [m["loss"] for m in rows], statistics.median(times), peaks)
 
 
-def compare(run: RunResult, reference: RunResult, tolerance: float) -> Row:
-    """The row of one layout: its worst step against the reference's same step."""
+def compare(
+    run: RunResult, reference: RunResult, tolerance: float, planned: list[float] | None = None
+) -> Row:
+    """The row of one layout: its worst step against the reference's same step, and (given
+    the plan's bytes per rank) its worst rank against the plan."""
     pairs = list(zip(run.losses, reference.losses, strict=True))
     absolute = [abs(got - want) for got, want in pairs]
     relative = [abs(got - want) / abs(want) if want else math.inf for got, want in pairs]
     worst_abs = max(absolute)
     worst_rel = max(relative)
     finite = all(math.isfinite(x) for x in run.losses)
+    plan_error = None
+    if planned is not None and len(planned) == len(run.peak_mem_bytes):
+        pairs = zip(planned, run.peak_mem_bytes, strict=True)
+        plan_error = max((p / m - 1 if m else math.inf for p, m in pairs), key=abs)
     return Row(
         layout=run.name,
         final_loss=run.losses[-1],
@@ -102,6 +122,8 @@ def compare(run: RunResult, reference: RunResult, tolerance: float) -> Row:
         peak_mem_bytes_per_rank=run.peak_mem_bytes,
         ok=finite and worst_rel <= tolerance,
         losses=run.losses,
+        planned_mem_bytes=max(planned) if planned else None,
+        plan_error=plan_error,
     )
 
 
@@ -125,11 +147,21 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["passed"] = self.passed
+        for row, saved in zip(self.rows, out["rows"], strict=True):
+            saved["plan_deviates"] = row.plan_deviates
         return out
 
 
 def _mib(value: int) -> str:
     return f"{value / 2**20:,.0f}"
+
+
+def _planned_cell(row: Row) -> str:
+    """Planned MiB and the worst rank's error; the mark when it is above PLAN_WARN."""
+    if row.planned_mem_bytes is None or row.plan_error is None:
+        return "n/a"
+    mark = f" {PLAN_MARK}" if row.plan_deviates else ""
+    return f"{row.planned_mem_bytes / 2**20:,.1f} ({row.plan_error:+.0%}){mark}"
 
 
 def _cells(row: Row) -> list[str]:
@@ -139,7 +171,8 @@ def _cells(row: Row) -> list[str]:
         f"{row.max_abs_diff:.2e}",
         f"{row.max_rel_diff:.2e}",
         f"{row.step_time:.3f}",
-        _mib(row.peak_mem_bytes),
+        f"{row.peak_mem_bytes / 2**20:,.1f}",
+        _planned_cell(row),
         "ok" if row.ok else "DEVIATES",
     ]
 
@@ -150,9 +183,21 @@ HEADERS = [
     "max |Δloss|",
     "max rel Δ",
     "step time (s)",
-    "peak mem/rank (MiB)",
+    "measured mem/rank (MiB)",
+    "planned (MiB)",
     "check",
 ]
+
+
+def plan_warning(report: Report) -> str | None:
+    """The line under the table that explains the mark, naming the marked layouts."""
+    marked = [row.layout for row in report.rows if row.plan_deviates]
+    if not marked:
+        return None
+    return (
+        f"{PLAN_MARK} planned memory off by more than {PLAN_WARN:.0%} of the measured live "
+        f"tensor bytes (a warning, not a failure): {', '.join(marked)}"
+    )
 
 
 def _caption(report: Report) -> str:
@@ -175,6 +220,9 @@ def markdown(report: Report) -> str:
         "|" + "---|" * len(HEADERS),
     ]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.rows]
+    warning = plan_warning(report)
+    if warning:
+        lines += ["", warning]
     if report.rejected:
         lines += ["", f"{len(report.rejected)} candidate layout(s) rejected by the config checks:"]
         lines += [f"- {r['layout']}: {r['reason']}" for r in report.rejected]
@@ -201,6 +249,9 @@ def show(report: Report, out_dir: Path, explain: bool) -> None:
         table.add_row(*cells)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     console.print(table)
+    warning = plan_warning(report)
+    if warning:
+        console.print(warning, style="yellow", markup=False)
     if report.rejected and explain:
         console.print(f"{len(report.rejected)} candidate layout(s) rejected by the config checks:")
         for r in report.rejected:

@@ -23,7 +23,7 @@ import yaml
 
 from scaletrain.config.load import load_config, to_dict
 from scaletrain.config.schema import Config
-from scaletrain.errors import ConfigError
+from scaletrain.errors import ConfigError, ScaletrainError
 from scaletrain.logs import get_logger
 from scaletrain.plot import plot_scaletest
 from scaletrain.scaletest import report
@@ -87,6 +87,27 @@ def _train(config: Config, world_size: int, runs: dict[str, Path], plan: Path) -
         f"scaletest: the {world_size} rank(s) failed (exit {code}) {where}; "
         f"{len(runs) - len(unfinished)} of {len(runs)} layout(s) finished; see the output above"
     )
+
+
+def _planned(
+    config: Config, layouts: list[Layout], world_size: int
+) -> dict[str, list[float] | None]:
+    """What `scaletrain plan` predicts for every rank of every layout: tensor bytes, i.e.
+    the stage's total less the per-process overhead (no model, no process group). A layout
+    the planner cannot plan gets None ("n/a" in the table) instead of losing the losses."""
+    from scaletrain.plan.accuracy import planned_rank_bytes
+    from scaletrain.plan.hardware import load_hardware
+
+    hw = load_hardware("cpu", world_size)  # its attention kernel and overhead; no time used
+    out: dict[str, list[float] | None] = {}
+    for layout in layouts:
+        try:
+            resolved = validate(config, layout, world_size)
+            out[layout.name] = planned_rank_bytes(layout.apply(config), resolved, hw)
+        except ScaletrainError as err:
+            log.warning("scaletest: no plan for %s: %s", layout.name, err)
+            out[layout.name] = None
+    return out
 
 
 def _config_differences(reference_dir: Path, config: Config) -> list[str]:
@@ -158,8 +179,10 @@ def scaletest(
     ref = report.read_run(reference_dir, "reference", steps)
     runs = {layout.name: out_dir / layout.name for layout in chosen}
     _train(config, world_size, runs, out_dir / "plan.json")
+    planned = _planned(config, chosen, world_size)
     rows = [
-        report.compare(report.read_run(runs[name], name, steps), ref, tolerance) for name in runs
+        report.compare(report.read_run(runs[name], name, steps), ref, tolerance, planned[name])
+        for name in runs
     ]
     table = report.Report(
         world_size=world_size,

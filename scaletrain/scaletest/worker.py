@@ -5,13 +5,15 @@
 Importing DeepSpeed and megatron-core costs each rank seconds, so the world is started once:
 for each layout the ranks build its process groups, train K steps with the ordinary `Trainer`,
 and release the groups again (`Topology.release`) without tearing down torch.distributed.
-Rank 0 writes `result.json` (peak memory of every rank, wall time) next to the layout's
+Rank 0 writes `result.json` (every rank's peak of live tensor bytes in the steps after the
+first, the quantity `scaletrain plan` predicts; wall time) next to the layout's
 metrics.jsonl; the losses and step times are read from metrics.jsonl by the caller.
 Run without torchrun, the worker is a world of one (the single-rank reference).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import sys
@@ -44,10 +46,13 @@ def run_plan(plan_file: Path) -> None:
     # Imported here: `write_plan` is used by the CLI, which should not pay for DeepSpeed.
     import torch
     import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
 
     from scaletrain.config.load import from_dict
     from scaletrain.fault.signals import die_with_launcher
+    from scaletrain.hf.imports import apply_init_from
     from scaletrain.logs import get_logger, setup_logging
+    from scaletrain.plan.measure import live_bytes, mark_steps
     from scaletrain.scaletest.layouts import parse_layout, validate
     from scaletrain.topology.init import init_topology
     from scaletrain.train.metrics import peak_memory_bytes, reset_peak_memory
@@ -66,6 +71,7 @@ def run_plan(plan_file: Path) -> None:
         layout = parse_layout(name, base.parallel.zero_stage)
         config = layout.apply(base)
         config.train.run_dir = run_dir
+        apply_init_from(config)  # validate() checks a copy: the HF folder's fields go here too
         resolved = validate(config, layout, world_size)
         topology = init_topology(resolved.dims, config.fault.collective_timeout_minutes)
         if topology.is_main:
@@ -74,16 +80,24 @@ def run_plan(plan_file: Path) -> None:
             (Path(run_dir) / STARTED_FILE).write_text(layout.name)
         gc.collect()  # what the previous layout left behind should not count against this one
         reset_peak_memory(topology.device)
+        on_cpu = topology.device.type == "cpu"
+        # On the CPU, live tensor bytes come from the profiler's memory events (the planner's
+        # quantity, as benchmarks/plan_accuracy.py measures it); on a GPU, max allocated.
+        window = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         start = time.perf_counter()
-        trainer = Trainer(config, topology, resolved)
-        trainer.run()
-        seconds = time.perf_counter() - start
-        # DeepSpeed's hooks on autograd nodes keep an engine alive past its last reference
-        # (the garbage collector cannot see through them); its own destroy() removes them.
-        trainer.engine.destroy()
-        del trainer
+        with window if on_cpu else contextlib.nullcontext():
+            trainer = Trainer(config, topology, resolved)
+            trainer.train_step = mark_steps(trainer.train_step)
+            trainer.run()
+            seconds = time.perf_counter() - start
+            # DeepSpeed's hooks on autograd nodes keep an engine alive past its last reference
+            # (the garbage collector cannot see through them); its own destroy() removes them.
+            trainer.engine.destroy()
+            del trainer
+        peak = live_bytes(window)[0] if on_cpu else peak_memory_bytes(topology.device)
+        del window
         peaks: list[int] = [0] * world_size
-        dist.all_gather_object(peaks, peak_memory_bytes(topology.device))
+        dist.all_gather_object(peaks, peak)
         topology.release()
         if topology.is_main:
             result = {"layout": layout.name, "peak_mem_bytes": peaks, "seconds": seconds}

@@ -1,8 +1,8 @@
 """Bring up torch.distributed and build the `Topology` every other part receives.
 
-The only device decision in the code base: CUDA + nccl when a GPU is present, otherwise CPU +
-gloo (and DeepSpeed's CPU accelerator). A plain `python -m scaletrain train` without torchrun
-runs as a world of one.
+The only device decision in the code base: CUDA + nccl when a GPU is present (and
+DS_ACCELERATOR is not `cpu`), otherwise CPU + gloo (and DeepSpeed's CPU accelerator). A plain
+`python -m scaletrain train` without torchrun runs as a world of one.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def select_device() -> tuple[torch.device, str]:
     # megatron-core's async TP all-reduce wants one CUDA work queue (it warns otherwise); must be
     # set before the CUDA context exists, and means nothing on the CPU.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    if torch.cuda.is_available():
+    # DS_ACCELERATOR=cpu (the CPU tests' setting) keeps a run on the CPU where a GPU is present
+    # too: DeepSpeed's CPU accelerator next to CUDA tensors and nccl would fail on its first op.
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), "nccl"

@@ -55,6 +55,8 @@ class ConsoleSink(MetricsSink):
         )
         if "val_loss" in m:
             line += f"  [bold]val_loss {m['val_loss']:.4f}[/bold]"
+        if "val_accuracy" in m:  # train.task: classify
+            line += f"  [bold]val_acc {m['val_accuracy']:.3f}  val_f1 {m['val_f1']:.3f}[/bold]"
         return line
 
     def _advance(self, m: dict[str, Any]) -> None:

@@ -5,7 +5,8 @@
 
 The weights written are those of the second (latest) checkpoint, taken from the running
 engine: ZeRO-3 partitions gathered with `GatheredParameters`, TP slices all-gathered over the
-TP group and merged by megatron-core's split rule. A test compares them with what
+TP group and merged by megatron-core's split rule, pipeline stages and expert-parallel ranks
+gathered under the whole model's names (global expert ids). A test compares them with what
 `scaletrain ckpt consolidate` makes of the checkpoint on disk.
 """
 
@@ -19,6 +20,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from scaletrain.checkpoint.consolidate import merge_tp_slices
+from scaletrain.checkpoint.zero_state import EXPERTS, expert_name, whole_name
+from scaletrain.models.registry import pipeline_layer_names
 from scaletrain.train.trainer import Trainer
 from tests.trainer_script import trainer_from_argv
 
@@ -43,7 +46,26 @@ def live_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
             merged = merge_tp_slices(parts, param.partition_dim, param.partition_stride, name)
             tensor = merged.to(tensor.dtype)
         full[name] = tensor.contiguous()
-    return full
+    return _whole_model(trainer, full)
+
+
+def _whole_model(trainer: Trainer, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every stage's and expert-parallel rank's weights under the whole model's names."""
+    dims = trainer.resolved.dims
+    if dims.pp == 1 and dims.ep == 1:
+        return full
+    cfg = trainer.config.model
+    layers = pipeline_layer_names(cfg) if dims.pp > 1 else None
+    local = cfg.num_experts // dims.ep if dims.ep > 1 else 0
+    renamed = {}
+    for name, tensor in full.items():
+        name = whole_name(name, layers) if layers else name
+        if local and EXPERTS in name:
+            name = expert_name(name, (trainer.topology.dp_rank % dims.ep) * local)
+        renamed[name] = tensor
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, renamed)
+    return {name: t for part in parts for name, t in part.items()}
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ import pytest
 
 from scaletrain.cli import main
 
-SECTIONS = "model, parallel, precision, optim, train, data, checkpoint, fault, logging"
+SECTIONS = "model, parallel, precision, optim, train, data, checkpoint, fault, logging, finetune"
 TRAIN_FIELDS = (
     "micro_batch, global_batch, grad_accum, seq_len, steps, eval_interval, eval_batches, seed, "
-    "run_dir, deterministic, time_limit"
+    "run_dir, deterministic, time_limit, task"
 )
 OVERRIDE_SYNTAX = "must be written section.field=value, e.g. parallel.tp=2"
 
@@ -354,10 +354,28 @@ CASES = [
         expected="config error: model.num_experts: (6) must be divisible by parallel.ep (4)",
     ),
     case(
-        "moe_top_k_3",
+        "moe_top_k_9",
+        "model.num_experts=16",
+        "model.moe_top_k=9",
+        expected="config error: model.moe_top_k: must be 1 to 8, got 9",
+    ),
+    case(
+        "moe_score_function_unknown",
         "model.num_experts=4",
-        "model.moe_top_k=3",
-        expected="config error: model.moe_top_k: must be 1 or 2 (DeepSpeed's MoE gates), got 3",
+        "model.moe_score_function=relu",
+        expected="config error: model.moe_score_function: 'relu' is not one of softmax | sigmoid",
+    ),
+    case(
+        "moe_router_bias_update_rate_negative",
+        "model.num_experts=4",
+        "model.moe_router_bias_update_rate=-0.001",
+        expected="config error: model.moe_router_bias_update_rate: must be >= 0, got -0.001",
+    ),
+    case(
+        "moe_shared_experts_negative",
+        "model.num_experts=4",
+        "model.moe_shared_experts=-1",
+        expected="config error: model.moe_shared_experts: must be >= 0, got -1",
     ),
     case(
         "moe_top_k_over_experts",
@@ -387,17 +405,9 @@ CASES = [
         "model.num_experts=4",
         "parallel.zero_stage=3",
         expected="config error: parallel.zero_stage: (3) is refused by DeepSpeed's native MoE "
-        "layer (it cannot partition expert parameters over the expert-data-parallel group); use "
+        "layer (it cannot partition expert parameters over the expert-data-parallel group) and "
+        "DeepSpeed's AutoEP accepts only Hugging Face models without megatron-core TP; use "
         "zero_stage 1 or 2",
-    ),
-    case(
-        "moe_with_pp",
-        "model.num_experts=4",
-        "parallel.pp=2",
-        "parallel.zero_stage=1",
-        expected="config error: parallel.pp: (2) cannot run MoE: DeepSpeed's pipeline engine "
-        "back-propagates only each stage's output, so the load-balancing loss of earlier stages "
-        "would be lost; use pp=1",
     ),
     case(
         "moe_min_capacity_over_tokens_top1",
@@ -699,7 +709,8 @@ SUBPROCESS_CASES = [
         expected="config error: model.num_layer: unknown field; known fields are vocab_size, "
         "make_vocab_size_divisible_by, hidden_size, num_layers, num_heads, num_kv_heads, "
         "ffn_hidden_size, max_seq_len, rope_theta, norm_eps, tie_embeddings, init_std, "
-        "num_experts, moe_top_k, moe_capacity_factor, moe_eval_capacity_factor, "
+        "num_experts, moe_top_k, moe_top1_normalize, moe_score_function, moe_shared_experts, "
+        "moe_router_bias_update_rate, moe_capacity_factor, moe_eval_capacity_factor, "
         "moe_min_capacity, moe_drop_tokens, moe_aux_loss_coeff, moe_z_loss_coeff, "
         "moe_layer_freq, activation_checkpointing, activation_checkpointing_every, init_from",
     ),

@@ -107,13 +107,21 @@ def test_refusals_are_one_line(
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
 
-    # Top-1 routing: DeepSpeed weights the expert by its raw probability, HF renormalises.
-    top1 = tmp_path / "top1"
-    shutil.copytree(find_checkpoint(runs["moe-ep2"]), top1)
-    manifest = json.loads((top1 / "manifest.json").read_text())
-    manifest["config"]["model"]["moe_top_k"] = 1
-    (top1 / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["export", "hf", str(top1), str(tmp_path / "never")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"{top1}: top-1 routing cannot be exported to MixtralForCausalLM")
-    assert err.count("\n") == 1 and not (tmp_path / "never").exists()
+    # Routing HF Mixtral cannot express: top-1 weighted by the raw probability (HF
+    # renormalises), sigmoid scores, shared experts, a selection bias.
+    refused = {
+        "top1": ({"moe_top_k": 1}, "top-1 routing with model.moe_top1_normalize=false cannot"),
+        "sigmoid": ({"moe_score_function": "sigmoid"}, "model.moe_score_function=sigmoid cannot"),
+        "shared": ({"moe_shared_experts": 1}, "model.moe_shared_experts=1 cannot be exported"),
+        "bias": ({"moe_router_bias_update_rate": 0.001}, "model.moe_router_bias_update_rate=0.001"),
+    }
+    for name, (fields, start) in refused.items():
+        changed = tmp_path / name
+        shutil.copytree(find_checkpoint(runs["moe-ep2"]), changed)
+        manifest = json.loads((changed / "manifest.json").read_text())
+        manifest["config"]["model"].update(fields)
+        (changed / "manifest.json").write_text(json.dumps(manifest))
+        assert main(["export", "hf", str(changed), str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{changed}: {start}")
+        assert err.count("\n") == 1 and not (tmp_path / "never").exists()

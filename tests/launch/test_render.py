@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from scaletrain.cli import main
-from scaletrain.config import load_config
+from scaletrain.config import check_config, load_config
 from scaletrain.config.reference import field_docs
 from scaletrain.errors import ConfigError
 from scaletrain.launch.cluster import CLUSTERS_DIR, ClusterConfig, load_cluster
 from scaletrain.launch.slurm import render_job, write_job
+from scaletrain.plan.hardware import load_hardware
+from scaletrain.plan.planner import make_plan
 from tests.distributed import REPO
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -167,8 +169,8 @@ def test_bad_cluster_values_are_one_line_errors() -> None:
     assert load_cluster("local", ["cluster.time=4:00:00"]).time == "4:00:00"  # kept as written
     with pytest.raises(Exception, match=r"cluster.gpus_per_node: must be >= 1, got 0"):
         load_cluster("local", ["cluster.gpus_per_node=0"])
-    with pytest.raises(Exception, match=r"cluster.gpu: unknown field"):
-        load_cluster("local", ["cluster.gpu=8"])
+    with pytest.raises(Exception, match=r"cluster.gpus: unknown field"):
+        load_cluster("local", ["cluster.gpus=8"])
 
 
 def test_every_cluster_file_loads_and_every_field_is_documented() -> None:
@@ -218,3 +220,82 @@ def test_shell_scripts_pass_shellcheck(slurm_cluster: str) -> None:
     ]
     lint = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout
+
+
+# Llama 3 8B at 8k tokens on one 8 x H100 node: ZeRO-1 with 8 sequences per micro-batch needs
+# far more than 80 GB per rank; `launch slurm` must refuse before it writes anything.
+BIG = [
+    *COMMON,
+    "model.base=llama3-8b",
+    "model.vocab_size=128256",
+    "precision.dtype=bf16",
+    "train.seq_len=8192",
+    "train.global_batch=64",
+]
+SLURM = ["launch", "slurm", "--config", str(QUICKSTART), "--cluster", "h100-ib-pyxis"]
+
+
+def test_launch_slurm_prints_the_plan_of_the_job(capsys: pytest.CaptureFixture) -> None:
+    nodes, overrides = GPU_RUNS["h100-ib-pyxis"]
+    assert main([*SLURM, "--nodes", str(nodes), "--dry-run", *COMMON, *overrides]) == 0
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.startswith("# plan: ")]
+    # The numbers are the planner's for this job: 16 nodes x 8 H100, tp2 -> dp64.
+    config = load_config(QUICKSTART, [*COMMON, *overrides])
+    resolved = check_config(config, 128, check_data=False)  # the data is on the cluster
+    plan = make_plan(config, resolved, load_hardware("H100-SXM", 128, 8))
+    big = plan.largest
+    eta = config.train.steps * plan.time.step_time_s
+    assert line == (
+        f"# plan: tp2pp1dp64z1 mb8 ac=none on 128 x H100-SXM: largest stage 0 "
+        f"{big.total_bytes / 1e9:.1f} GB of 80.0 GB per rank (margin "
+        f"{plan.margin_bytes / 1e9:.1f} GB), {plan.tokens_per_sec:,.0f} tokens/s, ETA "
+        f"{eta:.0f} s for 400 steps"
+    )
+    assert 0 < big.total_bytes < 80e9 and eta < 60  # a small model: seconds, not hours
+
+
+def test_a_job_that_does_not_fit_is_refused_unless_no_plan_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    argv = [*SLURM, "--nodes", "1", *BIG, f"train.run_dir={run_dir}"]
+    assert main(argv) == 2
+    assert capsys.readouterr() == (
+        "",
+        "plan: stage 0 needs 590.7 GB per rank, 510.7 GB more than the 80.0 GB of H100-SXM "
+        "(tp1pp1dp8z1 mb8 ac=none); best fitting layout from plan --search: tp2pp1dp4z2 mb1 "
+        "ac=none (76,326 tokens/s; parallel.tp=2 parallel.pp=1 parallel.ep=1 "
+        "parallel.zero_stage=2 train.micro_batch=1 model.activation_checkpointing=none); or "
+        "pass --no-plan-check\n",
+    )
+    assert not run_dir.exists()  # refused before anything was written
+    # The layout it names fits: the same command with it prints the plan and writes the job.
+    fix = ["parallel.tp=2", "parallel.zero_stage=2", "train.micro_batch=1"]
+    assert main([*argv, *fix]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("plan: tp2pp1dp4z2 mb1 ac=none on 8 x H100-SXM: largest stage 0 ")
+    assert "76,326 tokens/s" in first
+    # --no-plan-check writes the job that does not fit.
+    other = tmp_path / "other"
+    argv = [*SLURM, "--nodes", "1", *BIG, f"train.run_dir={other}", "--no-plan-check"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["plan: not checked (--no-plan-check)", f"wrote {other}/slurm/job.sbatch "
+                       f"and {other}/slurm/config.yaml; submit with:"]  # fmt: skip
+    assert (other / "slurm" / "job.sbatch").is_file()
+
+
+def test_cluster_gpu_names_a_hardware_entry(capsys: pytest.CaptureFixture) -> None:
+    assert load_cluster("h100-ib-pyxis").gpu == "H100-SXM"
+    assert load_cluster("a100-modules").gpu == "A100-80GB"
+    with pytest.raises(ConfigError) as refused:
+        load_cluster("local", ["cluster.gpu=V100"])
+    assert str(refused.value).startswith(
+        "config error: cluster.gpu: 'V100' is not in configs/hardware.yaml; known: A100-80GB, "
+    )
+    # No gpu: the job is written without a plan check, and the output says so.
+    argv = [*SLURM, "--nodes", "1", "--dry-run", *BIG, "cluster.gpu=null"]
+    assert main(argv) == 0
+    unset = "# plan: cluster.gpu is not set (an entry of configs/hardware.yaml): no plan check"
+    assert unset in capsys.readouterr().out.splitlines()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from scaletrain.config.moe import expert_capacity
@@ -188,6 +189,49 @@ def test_reported_loss_is_the_lm_loss_and_backward_trains_the_router_with_aux(
         assert ("moe_z_loss" in stats) == (z > 0)
     assert not torch.allclose(grads[0.5, 0.0], grads[0.0, 0.0])
     assert not torch.allclose(grads[0.0, 0.5], grads[0.0, 0.0])
+
+
+def gate_grads(model: GPT) -> list[torch.Tensor]:
+    return [b.mlp.moe.deepspeed_moe.gate.wg.weight.grad.clone() for b in model.blocks]
+
+
+def test_router_losses_enter_backward_in_the_block_scaled_like_the_loss(
+    tp: TensorParallel,
+) -> None:
+    """`RouterLossScaler`: the gradient of loss + 0.5 mean(aux) + 0.1 mean(z) over the MoE
+    layers, with the router terms multiplied by `backward_scale` (what the engine multiplies
+    the loss by: fp16 loss scale / accumulation steps)."""
+    cfg = with_(moe_aux_loss_coeff=0.5, moe_z_loss_coeff=0.1)
+    window = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(4))
+
+    # The written-out formula, from the layers' own (undetached) losses; the scaler adds 0.
+    model = build(cfg, tp)
+    model.moe_stats.backward_scale = 0.0
+    taken: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for block in model.blocks:
+        block.mlp.moe.register_forward_hook(lambda m, args, out: taken.append((args[0], out[1])))
+    loss = model(window)
+    wgs = [b.mlp.moe.deepspeed_moe.gate.wg.weight for b in model.blocks]
+    aux = torch.stack([a for _, a in taken]).mean()
+    z = torch.stack(
+        [
+            torch.logsumexp(F.linear(x.reshape(-1, 32), wg), dim=-1).pow(2).mean()
+            for (x, _), wg in zip(taken, wgs, strict=True)
+        ]
+    ).mean()
+    (loss + 0.5 * aux + 0.1 * z).backward()
+    want = gate_grads(model)
+
+    for scale in (1.0, 4.0):
+        model = build(cfg, tp)
+        model.moe_stats.backward_scale = scale
+        (scale * model(window)).backward()
+        got = gate_grads(model)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, scale * w, rtol=1e-5, atol=1e-7)
+    lm_only = build(with_(cfg, moe_aux_loss_coeff=0.0, moe_z_loss_coeff=0.0), tp)
+    lm_only(window).backward()
+    assert not torch.allclose(gate_grads(lm_only)[0], want[0])  # the router terms do count
 
 
 def test_recomputed_blocks_give_the_same_gradients_and_are_counted_once(

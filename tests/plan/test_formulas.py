@@ -12,6 +12,7 @@ from scaletrain.cli import main
 from scaletrain.config.checks import check_config
 from scaletrain.config.load import load_config
 from scaletrain.plan import memory
+from scaletrain.plan.flops import parameter_count
 from scaletrain.plan.hardware import hardware_names, load_hardware
 from scaletrain.plan.partition import balanced_blocks
 from scaletrain.plan.planner import make_plan
@@ -86,6 +87,13 @@ def test_llama3_8b_per_rank_parameters_and_logits_by_hand() -> None:
     assert plan.stages[1].activation_bytes == 3 * memory.activation_bytes(
         config, resolved, range(8, 16), 1, "flash"
     )
+    # Full recompute: every micro-batch in flight keeps each block's input (s x h in bf16);
+    # the one block backward recomputes at a time exists once per stage, not per micro-batch.
+    config.model.activation_checkpointing = "full"
+    plan = make_plan(config, resolved, load_hardware("H100-SXM"))
+    full_block = memory.block_activation_bytes(config, 1, tp, "flash")
+    assert plan.stages[0].activation_bytes == 4 * 8 * (8192 * h * 2) + full_block
+    assert plan.stages[3].activation_bytes == 1 * 8 * (8192 * h * 2) + full_block
 
 
 def test_flash_attention_stores_no_score_matrix() -> None:
@@ -186,6 +194,17 @@ def test_cluster_file_names_gpu_and_ranks_per_node(tmp_path, capsys) -> None:
     per_call = ring_allreduce_s(activation, 8, hw.inter_node_bw * hw.comm_efficiency, 10e-6)
     # 32 blocks x 8 micro-batches (grad_accum) x 4 all-reduces per block
     assert out["time"]["tp_allreduce_s"] == pytest.approx(32 * 8 * 4 * per_call)
+    # --gpu beats the cluster's gpu and keeps its gpus_per_node; --search --json adds the
+    # candidates, each one object of the same keys, best first, every one fitting.
+    more = ["--gpu", "B200", "--search", "--top", "2"]
+    assert main(args + more + _preset("llama3-8b", "parallel.tp=8", "train.global_batch=8")) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpu"] == "B200" and out["memory"]["device_bytes"] == 180e9
+    candidates = out["candidates"]
+    assert len(candidates) == 2 and all(c["memory"]["fits"] for c in candidates)
+    assert candidates[0]["time"]["tokens_per_sec"] >= candidates[1]["time"]["tokens_per_sec"]
+    assert set(candidates[0]) == set(out) - {"candidates", "search"}
+    assert out["search"]["fitting"] >= 2 and out["search"]["checked"] > out["search"]["refused"]
 
 
 def test_text_plan_prints_every_term_and_the_search_reason(capsys) -> None:
@@ -200,3 +219,21 @@ def test_text_plan_prints_every_term_and_the_search_reason(capsys) -> None:
     assert "  per-process overhead (in every total): 2.00 GB" in out
     assert sum(line.startswith(("  1. ", "  2. ", "  3. ")) for line in out) == 3
     assert out[-1].startswith("best vs the config's layout: ")
+
+
+@pytest.mark.parametrize(
+    ("preset", "total", "active"),
+    [  # the exact parameter counts of the Hugging Face checkpoints these shapes come from
+        ("llama3-8b", 8_030_261_248, 8_030_261_248),
+        ("llama3-70b", 70_553_706_496, 70_553_706_496),
+        ("llama3-405b", 405_853_388_800, 405_853_388_800),
+        ("mixtral-8x7b", 46_702_792_704, 12_879_925_248),
+        ("mixtral-8x22b", 140_630_071_296, 39_161_468_928),
+    ],
+)
+def test_presets_have_their_published_parameter_counts(preset: str, total: int, active: int):
+    config = load_config(RUN, _preset(preset))
+    vocab = check_config(config, 2, check_data=False).padded_vocab_size
+    assert vocab == config.model.vocab_size  # no padding for these vocabularies
+    counts = parameter_count(config.model, vocab), parameter_count(config.model, vocab, True)
+    assert counts == (total, active)

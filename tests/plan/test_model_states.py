@@ -12,6 +12,13 @@ within 1 % (ZeRO-3: the upper end within 15 %). In most runs most ZeRO 0-2 cases
 0.1 % of planned states, but a partly freed bucket also occurs (bf16 ZeRO-1: +2.5 %, once),
 and ZeRO-2 once held a second bucket (bf16: planned states + buffers + 15.4 %, exactly one more
 bucket of 2,886,144 bytes, in a full-suite run on a loaded machine): its upper end allows two.
+DeepSpeed 0.19.8's code holds one: `setup_buckets` (stage_1_and_2.py) allocates one
+`reduce_bucket_size` buffer per communication dtype and a second only with `overlap_comm`, which
+our ds_config leaves at DeepSpeed's default (on for stage 3 only, zero/config.py
+`overlap_comm_valid`); the pipeline engine's `reduce_gradients(pipeline_parallel=True)` appends
+another (the planner's two buckets under PP). So the planner counts one at ZeRO-2, and the
+second seen once is a transient (most likely an earlier buffer still referenced when the step
+began), which the upper end tolerates rather than the planner predicting it.
 """
 
 from __future__ import annotations

@@ -69,6 +69,20 @@ def test_enumeration_keeps_what_the_checks_accept(stdlib_data: Path) -> None:
     assert all("\n" not in reason for reason in reasons.values())
 
 
+def test_moe_enumeration_includes_pipelines(stdlib_data: Path, tmp_path: Path) -> None:
+    # MoE x PP is a layout like any other now: the checks refuse only ZeRO-2/3 with pp > 1.
+    run = tmp_path / "moe.yaml"
+    run.write_text(TINY.read_text().replace("model: tiny", "model: tiny-moe", 1))
+    config = load_config(run, [f"data.paths=[{stdlib_data}]"])
+    assert config.model.num_experts == 4
+    accepted, rejected = enumerate_layouts(config, 4)
+    names = {layout.name for layout in accepted}
+    assert {"tp1pp2dp2z0", "tp1pp2dp2z1", "tp1pp2dp2ep2z1", "tp2pp2dp1z0"} <= names
+    reasons = {r.layout.name: r.reason for r in rejected}
+    assert reasons["tp1pp2dp2ep2z2"].startswith("parallel.zero_stage")
+    assert not any(r.reason.startswith("parallel.pp") and "MoE" in r.reason for r in rejected)
+
+
 def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
     code = main(["scaletest", "--config", str(TINY), *args])
     return code, capsys.readouterr().err

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from scaletrain.errors import ScaletrainError
-from scaletrain.scaletest.report import RunResult, compare, read_run
+from scaletrain.scaletest.report import Report, RunResult, compare, markdown, read_run
 
 
 def _write_metrics(run_dir: Path, losses: list[float], times: list[float]) -> None:
@@ -49,3 +49,29 @@ def test_every_step_counts_and_the_bound_is_inclusive() -> None:
     assert not compare(RunResult("a", [8.0, 4.25, 2.0], 0.2, [3]), reference, 0.06).ok
     diverged = compare(RunResult("b", [8.0, math.nan, 2.0], 0.2, [3]), reference, 1.0)
     assert not diverged.ok  # a NaN compares false with everything: it must still fail
+
+
+def test_a_plan_off_by_more_than_15_percent_is_marked_not_failed() -> None:
+    reference = RunResult("reference", [8.0, 4.0], 0.1, [100])
+    # planned / measured - 1 of the worst rank: -10 % (ok), +25 % and -20 % (marked).
+    close = compare(RunResult("a", [8.0, 4.0], 0.1, [100, 100]), reference, 1e-5, [90.0, 95.0])
+    high = compare(RunResult("b", [8.0, 4.0], 0.1, [80, 100]), reference, 1e-5, [100.0, 100.0])
+    low = compare(RunResult("c", [8.0, 4.0], 0.1, [100, 50]), reference, 1e-5, [80.0, 50.0])
+    errors = [close.plan_error, high.plan_error, low.plan_error]
+    assert errors == pytest.approx([-0.1, 0.25, -0.2], abs=1e-12)
+    assert [close.plan_deviates, high.plan_deviates, low.plan_deviates] == [False, True, True]
+    assert close.planned_mem_bytes == 95.0  # the largest rank's plan
+    assert close.ok and high.ok and low.ok  # a warning only: the losses decide
+    unplanned = compare(RunResult("d", [8.0, 4.0], 0.1, [100]), reference, 1e-5)
+    assert (unplanned.plan_error, unplanned.plan_deviates) == (None, False)
+    table = Report(2, 2, "fp32", 1e-5, "x.yaml", {"losses": [8.0, 4.0], "step_time": 0.1,
+                   "peak_mem_bytes": [100]}, [close, high, low, unplanned], [])  # fmt: skip
+    lines = markdown(table).splitlines()
+    assert "measured mem/rank (MiB) | planned (MiB) | check |" in lines[4]
+    cells = [line.split(" | ")[6] for line in lines[6:10]]
+    assert cells == ["0.0 (-10%)", "0.0 (+25%) !", "0.0 (-20%) !", "n/a"]
+    assert lines[-1] == (
+        "! planned memory off by more than 15% of the measured live tensor bytes "
+        "(a warning, not a failure): b, c"
+    )
+    assert table.passed and table.to_json()["rows"][1]["plan_deviates"] is True

@@ -40,10 +40,10 @@ def main() -> None:
     trainer.engine.backward = poisoned_backward
     describe = trainer.checkpoints._describe_files
 
-    def slow_describe(folder):
+    def slow_describe(folder, *rest):
         if args.poison == "slow-save" and trainer.step in pending:
             time.sleep(60)
-        return describe(folder)
+        return describe(folder, *rest)
 
     trainer.checkpoints._describe_files = slow_describe
     trainer.run()

@@ -151,15 +151,17 @@ def test_ep2_killed_mid_run_resumes_exactly(
     }
     optimizer = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)}
     assert experts | optimizer <= paths
-    # ...and what cannot read expert files refuses in one line: a layout change...
+    # ...a layout change across ep is converted (tests/checkpoint/test_reshard_layouts.py), into
+    # ZeRO-3 it is refused in one line...
+    check_reshardable(manifest, {**manifest.data["layout"], "ep": 1}, "fp32")
     with pytest.raises(ScaletrainError) as refused:
-        check_reshardable(manifest, {**manifest.data["layout"], "ep": 1}, "fp32")
+        check_reshardable(manifest, {**manifest.data["layout"], "ep": 1, "zero_stage": 3}, "fp32")
     assert str(refused.value) == (
-        f"resuming {folder.name} (tp1dp2ep2 zero1) at tp1dp2 zero1: an MoE checkpoint cannot "
-        "change layout (DeepSpeed's universal conversion does not read its per-expert files); "
-        "resume it on the saved layout"
+        f"resuming {folder.name} (tp1dp2ep2 zero1) at tp1dp2 zero3: across pipeline or expert "
+        "layouts resharding reads and writes ZeRO 1/2 partitions only; resume at zero_stage 1 "
+        "or 2, save, then switch to ZeRO-3"
     )
-    # Consolidation reads the expert files: every global expert of every layer, as saved.
+    # Consolidation reads the fp32 masters of every global expert of every layer, as saved.
     done = consolidate(folder, tmp_path / "model.safetensors")
     weights = load_file(done.out)
     for layer in range(LAYERS):

@@ -1,0 +1,53 @@
+"""The model a run trains: its family's model (or this rank's pipeline stage of it), the Hugging
+Face weights of `model.init_from` when they are not about to come from a checkpoint, and LoRA's
+frozen base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from scaletrain.config.checks import Resolved
+from scaletrain.config.schema import Config
+from scaletrain.logs import get_logger
+from scaletrain.models.lora import LoraSpec, freeze_base
+from scaletrain.models.moe import ExpertParallel
+from scaletrain.models.parallel import TensorParallel
+from scaletrain.models.registry import build_model
+from scaletrain.topology.init import Topology
+from scaletrain.train.classify import classify_spec
+
+log = get_logger(__name__)
+
+
+def build_run_model(
+    config: Config, resolved: Resolved, topology: Topology, resume_from: Path | None
+) -> torch.nn.Module:
+    """The model of this config (its family's), or this rank's pipeline stage of it."""
+    lora = LoraSpec.of(config.finetune)
+    tp = TensorParallel(resolved.dims.tp, topology.groups.tp, lora)
+    ep = ExpertParallel.of(resolved.dims.ep, topology.dp_rank)
+    model = build_model(
+        config.model,
+        resolved.padded_vocab_size,
+        tp,
+        resolved.dims,
+        ep,
+        config.parallel.pipeline_partition,
+        classify_spec(config),
+    )
+    # A LoRA checkpoint holds the adapters only: its base comes from init_from again.
+    if config.model.init_from and (resume_from is None or lora is not None):
+        from scaletrain.hf.imports import load_hf_weights
+
+        load_hf_weights(model, config.model, resolved.padded_vocab_size, tp, ep)
+    if lora is not None:
+        trainable, frozen = freeze_base(model)
+        log.info("LoRA: %d adapter parameters train, %d base ones frozen", trainable, frozen)
+    return model
+
+
+def count_params(model: torch.nn.Module) -> str:
+    count = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return f"{count / 1e6:.1f}M parameters (this rank)"

@@ -1,0 +1,177 @@
+"""Resume across pipeline and expert layouts, and consolidate bf16 pipeline / MoE checkpoints.
+
+Each resume chain is one uninterrupted run plus two resumes: the run saves at step 3 on layout
+A; the first resume starts from it on layout B and saves every step; the second starts from
+B's step 4 on layout A again. Both continue the uninterrupted losses within 1e-5 relative (not
+bit-exact where TP changes: the matmuls sum in another order), with its learning rates, which
+shows the step, LR schedule, Adam moments and data position came along.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from scaletrain.checkpoint.convert import check_reshardable
+from scaletrain.checkpoint.manifest import Manifest, tag_for
+from scaletrain.checkpoint.zero_state import expert_name, pipeline_name, whole_name
+from scaletrain.errors import ScaletrainError
+from scaletrain.hf.export import export_hf
+from tests.distributed import REPO, TINY, assert_losses_close, read_metrics, run_cli, torchrun
+
+COMMON = ("train.steps=6", "train.eval_interval=0", "parallel.zero_stage=1")
+CHAINS = {  # name: (model, (ranks, saved layout), (ranks, resumed layout))
+    "tp2pp2->tp1pp1->tp1pp2": (
+        "tiny",
+        (4, ("parallel.tp=2", "parallel.pp=2")),
+        (1, ()),
+        (2, ("parallel.pp=2",)),
+    ),
+    "ep2->ep1->ep2": ("tiny-moe", (2, ("parallel.ep=2",)), (2, ()), (2, ("parallel.ep=2",))),
+}
+
+
+def _config(root: Path, model: str) -> Path:
+    config = root / f"{model}.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load(TINY.read_text()), "model": model}))
+    return config
+
+
+def _train(ranks: int, config: Path, data: Path, run_dir: Path, *overrides: str) -> str:
+    args = ("--config", str(config), f"data.paths=[{data}]", f"train.run_dir={run_dir}")
+    done = torchrun(ranks, "-m", "scaletrain", "train", *args, *COMMON, *overrides)
+    return done.stdout + done.stderr
+
+
+def _start_from(checkpoint: Path, run_dir: Path) -> None:
+    root = run_dir / "checkpoints"
+    shutil.copytree(checkpoint, root / checkpoint.name)
+    (root / "latest").write_text(checkpoint.name + "\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chain", list(CHAINS))
+def test_resume_across_pipeline_and_expert_layouts(
+    chain: str, stdlib_data: Path, tmp_path: Path
+) -> None:
+    model, (ranks_a, layout_a), (ranks_b, layout_b), (ranks_c, layout_c) = CHAINS[chain]
+    config = _config(tmp_path, model)
+    whole = tmp_path / "whole"
+    _train(ranks_a, config, stdlib_data, whole, "checkpoint.interval=3", *layout_a)
+    want = read_metrics(whole)
+
+    first = tmp_path / "first"
+    _start_from(whole / "checkpoints" / tag_for(3), first)
+    output = _train(ranks_b, config, stdlib_data, first, "checkpoint.interval=1", *layout_b)
+    got = read_metrics(first)
+    assert [m["step"] for m in got] == [4, 5, 6]
+    assert_losses_close(got, want[3:], rel=1e-5)
+    assert [m["lr"] for m in got] == [m["lr"] for m in want[3:]]
+    assert f"resharding {tag_for(3)} from " in output
+    # The data position went on from the saved one: step 6 saved as the uninterrupted run did.
+    ends = [Manifest.read(run / "checkpoints" / tag_for(6)) for run in (whole, first)]
+    assert all(end is not None for end in ends)
+    assert ends[0].data["consumed_samples"] == ends[1].data["consumed_samples"] == 6 * 8
+    assert ends[0].data["sampler"] == ends[1].data["sampler"]
+
+    second = tmp_path / "second"
+    _start_from(first / "checkpoints" / tag_for(4), second)
+    _train(ranks_c, config, stdlib_data, second, "checkpoint.interval=3", *layout_c)
+    got = read_metrics(second)
+    assert [m["step"] for m in got] == [5, 6]
+    assert_losses_close(got, want[4:], rel=1e-5)
+
+
+# ---- consolidation and export of bf16 pipeline / MoE checkpoints --------------------------
+BF16 = {  # name: (model, ranks, overrides)
+    "pp2-bf16": ("tiny", 2, ("parallel.pp=2", "parallel.zero_stage=1")),
+    "moe-ep2-bf16": ("tiny-moe", 2, ("parallel.ep=2", "parallel.zero_stage=1")),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BF16))
+def test_bf16_pipeline_and_moe_checkpoints_consolidate_to_the_live_masters(
+    name: str, stdlib_data: Path, tmp_path: Path
+) -> None:
+    model, ranks, overrides = BF16[name]
+    run_dir, live_file = tmp_path / "run", tmp_path / "live.safetensors"
+    torchrun(
+        ranks,
+        str(REPO / "tests" / "checkpoint" / "live_weights_run.py"),
+        f"--out={live_file}",
+        "--config",
+        str(_config(tmp_path, model)),
+        f"data.paths=[{stdlib_data}]",
+        f"train.run_dir={run_dir}",
+        "precision.dtype=bf16",
+        *overrides,
+    )
+    folder = run_dir / "checkpoints" / tag_for(2)
+    out = tmp_path / "consolidated.safetensors"
+    done = run_cli("ckpt", "consolidate", str(folder), str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    live, merged = load_file(live_file), load_file(out)
+    assert sorted(merged) == sorted(live)
+    if model == "tiny-moe":  # every global expert under its own name
+        experts = [n for n in merged if ".deepspeed_experts." in n]
+        assert len(experts) == 2 * 4 * 2  # layers x experts x (gate_up, down)
+    for key, want in live.items():
+        got = merged[key]
+        assert got.dtype == torch.float32 and want.dtype == torch.bfloat16, key
+        assert torch.equal(got.to(want.dtype), want), key  # the bf16 weights are the masters'
+    # the fp32 masters, not the bf16 copies widened
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in merged.values())
+
+    if model == "tiny-moe":  # export hf reads the same masters
+        export_hf(run_dir, tmp_path / "hf")
+        hf = {}
+        for path in (tmp_path / "hf").glob("*.safetensors"):
+            hf.update(load_file(path))
+        expert = ".mlp.moe.deepspeed_moe.experts.deepspeed_experts.3.gate_up.weight"
+        gate = merged["blocks.1" + expert].chunk(2)[0]  # expert 3's gate, fp32 master
+        stored = hf.get("model.layers.1.block_sparse_moe.experts.3.w1.weight")
+        assert stored is not None and torch.equal(stored, gate)
+
+
+def test_pipeline_and_expert_reshards_into_zero3_are_refused_in_one_line() -> None:
+    layout = {"tp": 1, "pp": 2, "dp": 1, "ep": 1, "zero_stage": 1, "world_size": 2}
+    data = {"step": 3, "files": [], "layout": layout, "precision": "fp32", "parameters": {}}
+    manifest = Manifest(Path("/ckpt") / tag_for(3), data)
+    check_reshardable(manifest, {**layout, "pp": 1, "dp": 2}, "fp32")
+    with pytest.raises(ScaletrainError) as refused:
+        check_reshardable(manifest, {**layout, "pp": 1, "dp": 2, "zero_stage": 3}, "fp32")
+    assert str(refused.value) == (
+        "resuming step_00000003 (tp1pp2dp1 zero1) at tp1dp2 zero3: across pipeline or expert "
+        "layouts resharding reads and writes ZeRO 1/2 partitions only; resume at zero_stage 1 "
+        "or 2, save, then switch to ZeRO-3"
+    )
+    moe = {**data, "config": {"model": {"num_experts": 4}}}
+    with pytest.raises(ScaletrainError) as refused:
+        check_reshardable(Manifest(manifest.folder, moe), {**layout, "pp": 1, "dp": 2}, "fp32")
+    assert str(refused.value) == (
+        "resuming step_00000003 (tp1pp2dp1 zero1) at tp1dp2 zero1: resharding an MoE checkpoint "
+        "with pipeline stages (pp > 1) on either side is not supported; resume it on the saved "
+        "layout"
+    )
+
+
+def test_pipeline_and_expert_names_map_both_ways() -> None:
+    layers = ["embedding", "blocks.0", "blocks.1", "blocks.10", "norm", "head"]
+    for whole, piped in [
+        ("embedding.weight", "0.weight"),
+        ("blocks.1.attn.qkv.weight", "2.attn.qkv.weight"),
+        ("blocks.10.mlp_norm.weight", "3.mlp_norm.weight"),  # not blocks.1's
+        ("head.proj.weight", "5.proj.weight"),
+    ]:
+        assert pipeline_name(whole, layers) == piped
+        assert whole_name(piped, layers) == whole
+    local = "blocks.0.mlp.moe.deepspeed_moe.experts.deepspeed_experts.1.down.weight"
+    assert expert_name(local, 2) == local.replace("experts.1.", "experts.3.")
+    assert expert_name(expert_name(local, 2), -2) == local
