@@ -11,7 +11,8 @@ buffers). The bound: planned states <= measured <= planned states + planned buff
 within 1 % (ZeRO-3: the upper end within 15 %). In most runs most ZeRO 0-2 cases sit within
 0.1 % of planned states, but a partly freed bucket also occurs (bf16 ZeRO-1: +2.5 %, once),
 and ZeRO-2 once held a second bucket (bf16: planned states + buffers + 15.4 %, exactly one more
-bucket of 2,886,144 bytes, in a full-suite run on a loaded machine): its upper end allows two.
+bucket of 2,886,144 bytes, in a full-suite run on a loaded machine; fp32 ZeRO-1 once too, in a
+clean-clone CI run: 31,745,568 bytes = states + two buckets): its upper end allows two at ZeRO 1-2.
 DeepSpeed 0.19.8's code holds one: `setup_buckets` (stage_1_and_2.py) allocates one
 `reduce_bucket_size` buffer per communication dtype and a second only with `overlap_comm`, which
 our ds_config leaves at DeepSpeed's default (on for stage 3 only, zero/config.py
@@ -101,7 +102,7 @@ def test_model_states_match_measured_bytes(stdlib_data: Path, tmp_path: Path) ->
     )
     for name, zero, states, buffers, measured in rows:
         slack = ZERO3_SLACK if zero == 3 else TOLERANCE
-        buckets = 2 if zero == 2 else 1
+        buckets = 2 if zero in (1, 2) else 1  # one stage_1_and_2 code path: same transient
         low, high = states * (1 - TOLERANCE), (states + buckets * buffers) * (1 + slack)
         assert low <= measured <= high, (name, rows)
 
