@@ -22,7 +22,6 @@ import numpy as np
 
 from scaletrain.data import shards
 from scaletrain.data.format import (
-    FORMAT_VERSION,
     INDEX_FILE,
     SPLITS,
     TOKENIZER_DIR,
@@ -32,7 +31,7 @@ from scaletrain.data.format import (
     read_metadata,
     token_dtype,
 )
-from scaletrain.data.tokenizer import TOKENIZER_FILE, TextTokenizer
+from scaletrain.data.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:  # `datasets` costs a second to import; only prepare needs it
     import datasets
@@ -137,19 +136,8 @@ def build(
         len(names),
         ", ".join(f"{name} {c}" for name, c in zip(names, counts.tolist(), strict=True)),
     )
-    return PreparedInfo(
-        path=work,
-        format_version=FORMAT_VERSION,
-        dtype=dtype.name,
-        vocab_size=tok.vocab_size,
-        eos_id=tok.eos_id,
-        fingerprint=fingerprint,
-        tokenizer_file=f"{TOKENIZER_DIR}/{TOKENIZER_FILE}",
-        splits=splits,
-        inputs={"num_files": len(files), "num_bytes": sum(f.stat().st_size for f in files)},
-        settings=settings,
-        kind=FORMAT,
-        labels=names,
+    return PreparedInfo.written(
+        work, dtype, tok, fingerprint, splits, files, settings, kind=FORMAT, labels=names
     )
 
 

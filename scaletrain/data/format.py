@@ -27,6 +27,7 @@ from scaletrain.errors import ScaletrainError
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE = "tokenizer.json"
 INDEX_FILE = "index.npy"
 SPLITS = ("train", "val")
 # What the shards hold: "pretrain" token streams, "sft" ones with a loss mask beside them, or
@@ -92,6 +93,34 @@ class PreparedInfo:
     """One of KINDS; metadata written before kinds existed is "pretrain"."""
     labels: list[str] = field(default_factory=list)
     """Kind "classify": the label names; a label's id is its position."""
+
+    @classmethod
+    def written(
+        cls,
+        work: Path,
+        dtype: np.dtype,
+        tokenizer: Any,
+        fingerprint: str,
+        splits: dict[str, SplitInfo],
+        files: list[Path],
+        settings: dict[str, Any],
+        **kind: Any,
+    ) -> PreparedInfo:
+        """The metadata of a set just written to `work` (every --format): its tokenizer's
+        sizes, the input files' count and bytes; `kind` adds the kind and its fields."""
+        return cls(
+            path=work,
+            format_version=FORMAT_VERSION,
+            dtype=dtype.name,
+            vocab_size=tokenizer.vocab_size,
+            eos_id=tokenizer.eos_id,
+            fingerprint=fingerprint,
+            tokenizer_file=f"{TOKENIZER_DIR}/{TOKENIZER_FILE}",
+            splits=splits,
+            inputs={"num_files": len(files), "num_bytes": sum(f.stat().st_size for f in files)},
+            settings=settings,
+            **kind,
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -32,7 +32,7 @@ from scaletrain.data.format import (
 )
 from scaletrain.data.pieces import MAX_PIECE_CHARS
 from scaletrain.data.sources import resolve_inputs, stdlib_sources
-from scaletrain.data.tokenizer import TOKENIZER_FILE, TextTokenizer, load_tokenizer
+from scaletrain.data.tokenizer import TextTokenizer, load_tokenizer
 
 __all__ = ["MAX_SHARD_BYTES", "prepare_dataset", "resolve_inputs", "stdlib_sources"]
 
@@ -196,18 +196,7 @@ def _build(
         logger.info(
             "%s: %d tokens in %.1fs", name, splits[name].num_tokens, time.perf_counter() - t1
         )
-    return PreparedInfo(
-        path=work,
-        format_version=FORMAT_VERSION,
-        dtype=dtype.name,
-        vocab_size=tok.vocab_size,
-        eos_id=tok.eos_id,
-        fingerprint=fingerprint,
-        tokenizer_file=f"{TOKENIZER_DIR}/{TOKENIZER_FILE}",
-        splits=splits,
-        inputs={"num_files": len(files), "num_bytes": sum(f.stat().st_size for f in files)},
-        settings=settings,
-    )
+    return PreparedInfo.written(work, dtype, tok, fingerprint, splits, files, settings)
 
 
 def _describe_args(inputs: Sequence[str | Path], keep: int = 10) -> list[str]:

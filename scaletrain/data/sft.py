@@ -25,7 +25,6 @@ import numpy as np
 
 from scaletrain.data import shards
 from scaletrain.data.format import (
-    FORMAT_VERSION,
     INDEX_FILE,
     SPLITS,
     TOKENIZER_DIR,
@@ -237,19 +236,7 @@ def build(
     }
     if splits["train"].num_tokens == 0:
         raise DataError(f"--format {settings['format']} found no conversations in the inputs")
-    return PreparedInfo(
-        path=work,
-        format_version=FORMAT_VERSION,
-        dtype=dtype.name,
-        vocab_size=tok.vocab_size,
-        eos_id=tok.eos_id,
-        fingerprint=fingerprint,
-        tokenizer_file=f"{TOKENIZER_DIR}/{TOKENIZER_FILE}",
-        splits=splits,
-        inputs={"num_files": len(files), "num_bytes": sum(f.stat().st_size for f in files)},
-        settings=settings,
-        kind="sft",
-    )
+    return PreparedInfo.written(work, dtype, tok, fingerprint, splits, files, settings, kind="sft")
 
 
 def _write_split(

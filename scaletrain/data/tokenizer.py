@@ -15,12 +15,11 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from scaletrain.data.format import DataError
+from scaletrain.data.format import TOKENIZER_FILE, DataError
 
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
-TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # Tried in order when a foreign tokenizer folder does not name its eos token.
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
