@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,6 +55,38 @@ def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.Complet
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-60:])
         raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{tail}")
     return done
+
+
+def run_scaletest(
+    run_dir: Path,
+    data: Path,
+    layouts: Sequence[str],
+    *overrides: str,
+    world: int = 2,
+    steps: int = 3,
+) -> tuple[list[dict], dict[str, list[dict]]]:
+    """`scaletrain scaletest` of `layouts` (one torchrun for them all); the reference's metrics
+    and each layout's, after asserting it passed."""
+    done = run_cli(
+        "scaletest",
+        "--config",
+        str(TINY),
+        "--world-size",
+        str(world),
+        "--steps",
+        str(steps),
+        "--layouts",
+        ",".join(layouts),
+        f"data.paths=[{data}]",
+        f"train.run_dir={run_dir}",
+        *overrides,
+        timeout=1200,
+    )
+    assert done.returncode == 0, "\n".join((done.stdout + done.stderr).splitlines()[-40:])
+    folder = run_dir / "scaletest"
+    return read_metrics(folder / "reference"), {
+        name: read_metrics(folder / name) for name in layouts
+    }
 
 
 def train_unchecked(

@@ -22,7 +22,7 @@ from scaletrain.models.classifier import Classifier, ClassifySpec
 from scaletrain.models.parallel import TensorParallel
 from scaletrain.models.registry import saved_model_config
 from scaletrain.train.classify import macro_f1
-from tests.distributed import TINY, assert_losses_close, read_metrics, run_cli, train
+from tests.distributed import assert_losses_close, run_scaletest, train
 from tests.hf.conftest import relative_error
 
 LAYOUTS = ("tp2pp1dp1z0", "tp1pp1dp2z1", "tp1pp1dp2z3")
@@ -33,28 +33,11 @@ EVAL = ("train.steps=6", "train.eval_interval=3", "train.eval_batches=20")
 
 @pytest.mark.slow
 def test_classify_loss_is_the_same_on_every_layout(classify_data: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "runs"
-    done = run_cli(
-        "scaletest",
-        "--config",
-        str(TINY),
-        "--world-size",
-        "2",
-        "--steps",
-        "3",
-        "--layouts",
-        ",".join(LAYOUTS),
-        f"data.paths=[{classify_data}]",
-        f"train.run_dir={run_dir}",
-        *CLASSIFY,
-        timeout=1200,
-    )
-    assert done.returncode == 0, "\n".join((done.stdout + done.stderr).splitlines()[-40:])
-    reference = read_metrics(run_dir / "scaletest" / "reference")
+    reference, layouts = run_scaletest(tmp_path / "runs", classify_data, LAYOUTS, *CLASSIFY)
     assert [m["step"] for m in reference] == [1, 2, 3]
     assert abs(reference[0]["loss"] - np.log(6)) < 0.3  # six labels, a fresh head: ~uniform
-    for layout in LAYOUTS:
-        assert_losses_close(read_metrics(run_dir / "scaletest" / layout), reference, 1e-5)
+    for metrics in layouts.values():
+        assert_losses_close(metrics, reference, 1e-5)
 
 
 @pytest.mark.slow

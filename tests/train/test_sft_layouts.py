@@ -17,7 +17,7 @@ import torch
 
 from scaletrain.config.load import load_config
 from scaletrain.data import GlobalBatchSampler, build_dataset
-from tests.distributed import TINY, assert_losses_close, read_metrics, run_cli
+from tests.distributed import TINY, assert_losses_close, run_scaletest
 from tests.hf.test_import import save_llama
 
 LAYOUTS = ("tp2pp1dp1z0", "tp1pp2dp1z0", "tp1pp1dp2z1")
@@ -46,29 +46,12 @@ def test_sft_loss_is_the_global_response_mean_on_every_layout(
     sft_data: Path, tmp_path: Path
 ) -> None:
     llama = save_llama(tmp_path / "hf", rope_theta=10000.0, rms_norm_eps=1e-5)
-    run_dir = tmp_path / "runs"
-    done = run_cli(
-        "scaletest",
-        "--config",
-        str(TINY),
-        "--world-size",
-        "2",
-        "--steps",
-        "3",
-        "--layouts",
-        ",".join(LAYOUTS),
-        f"data.paths=[{sft_data}]",
-        f"train.run_dir={run_dir}",
-        f"model.init_from=hf:{llama}",
-        "train.task=sft",
-        timeout=1200,
+    reference, layouts = run_scaletest(
+        tmp_path / "runs", sft_data, LAYOUTS, f"model.init_from=hf:{llama}", "train.task=sft"
     )
-    assert done.returncode == 0, "\n".join((done.stdout + done.stderr).splitlines()[-40:])
-    reference = read_metrics(run_dir / "scaletest" / "reference")
     assert [m["step"] for m in reference] == [1, 2, 3]
     want = transformers_sft_loss(llama, sft_data)
     assert abs(reference[0]["loss"] - want) / want < 1e-5
     assert reference[2]["loss"] < reference[0]["loss"]
-    for layout in LAYOUTS:
-        metrics = read_metrics(run_dir / "scaletest" / layout)
+    for metrics in layouts.values():
         assert_losses_close(metrics, reference, 1e-5)
