@@ -24,7 +24,7 @@ import torch
 
 from scaletrain.checkpoint.async_save import SLOW_WRITE_ENV, HostBuffers, Snapshot
 from scaletrain.checkpoint.manifest import LATEST, Manifest, check_file, list_checkpoints
-from tests.checkpoint.test_disk_full import small_fs  # noqa: F401 (a fixture)
+from tests.checkpoint.test_disk_full import disk_full_line, small_fs  # noqa: F401 (a fixture)
 from tests.distributed import (
     launcher_log,
     printed_by_ranks,
@@ -208,13 +208,7 @@ def test_a_full_disk_in_the_background_write_is_one_line_at_the_end(
     step2 = Manifest.read(root / "step_00000002")
     assert step2 is not None
     staging = root / ".staging" / "step_00000004"
-    free = (done.stderr.split(" bytes are free", 1)[0]).rsplit(" and ", 1)[1]
-    line = (
-        f"checkpoint: no space left on device in {staging}: the save needs "
-        f"{step2.total_bytes:,} bytes (the size of the last save) and {free} bytes are free; "
-        "the staging folder was removed and step_00000002 is still the newest checkpoint; "
-        "free space or set checkpoint.dir"
-    )
+    line, _ = disk_full_line(done.stderr, staging, step2.total_bytes)
     assert done.returncode == 1, done.stderr[-3000:]
     assert printed_by_ranks(done.stderr, line) == 2, done.stderr[-3000:]  # the writers agreed
     assert not staging.exists()

@@ -23,6 +23,19 @@ from tests.distributed import (
 pytestmark = pytest.mark.slow
 
 
+def disk_full_line(stderr: str, staging: Path, last_save_bytes: int) -> tuple[str, str]:
+    """The one line a rank prints when the step-4 save after step 2 finds the disk full, and
+    the free bytes it names (read back from `stderr`: they vary from run to run)."""
+    free = (stderr.split(" bytes are free", 1)[0]).rsplit(" and ", 1)[1]
+    line = (
+        f"checkpoint: no space left on device in {staging}: the save needs "
+        f"{last_save_bytes:,} bytes (the size of the last save) and {free} bytes are free; "
+        "the staging folder was removed and step_00000002 is still the newest checkpoint; "
+        "free space or set checkpoint.dir"
+    )
+    return line, free
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path):
     mount = tmp_path / "fs"
@@ -43,13 +56,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(
     step2 = Manifest.read(root / "step_00000002")
     assert step2 is not None
     staging = root / ".staging" / "step_00000004"
-    free = (done.stderr.split(" bytes are free", 1)[0]).rsplit(" and ", 1)[1]
-    line = (
-        f"checkpoint: no space left on device in {staging}: the save needs "
-        f"{step2.total_bytes:,} bytes (the size of the last save) and {free} bytes are free; "
-        "the staging folder was removed and step_00000002 is still the newest checkpoint; "
-        "free space or set checkpoint.dir"
-    )
+    line, free = disk_full_line(done.stderr, staging, step2.total_bytes)
     assert done.returncode == 1  # torchrun's code; the ranks exit 1 ("other": a crash)
     assert printed_by_ranks(done.stderr, line) == 2, done.stderr[-3000:]  # both ranks
     assert int(free.replace(",", "")) < step2.total_bytes
