@@ -9,8 +9,6 @@ config.json, generation_config.json) into a folder that is renamed into place wh
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import ScaletrainError
 from scaletrain.hf.classify_export import ClassifierExport, classifier_export
 from scaletrain.hf.lora_export import lora_export_weights, write_peft_adapter
+from scaletrain.hf.staging import staged_folder
 from scaletrain.models.classify_plan import is_classifier, with_score
 from scaletrain.models.registry import Family, family_of, saved_model_config
 from scaletrain.models.split_plan import to_hf
@@ -116,17 +115,8 @@ def write_hf_folder(
     folder is the family's sequence classifier (`scaletrain.hf.classify_export`)."""
     family = family_of(cfg)
     state = hf_state_dict(weights, cfg, family, classifier is not None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.{os.getpid()}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    with staged_folder(out) as partial:
         _save(state, cfg, family, DTYPES[dtype], tokenizer, partial, max_shard_size, classifier)
-        _umask_modes(partial)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(partial, out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return sum(t.numel() for t in state.values())
 
 
@@ -173,15 +163,6 @@ def _save(
         )
     model.generation_config = transformers.GenerationConfig(bos_token_id=bos, eos_token_id=eos)
     model.save_pretrained(out, max_shard_size=max_shard_size)
-
-
-def _umask_modes(folder: Path) -> None:
-    """Files as the user's umask makes them (safetensors writes 0600, unreadable to a group
-    that serves the model)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in folder.iterdir():
-        os.chmod(path, 0o666 & ~mask)
 
 
 def _save_tokenizer(tok_dir: Path, out: Path, pad: bool = False) -> tuple[int, int]:

@@ -12,8 +12,6 @@ the family's split plan: the same function that cuts the base weights.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import ScaletrainError
+from scaletrain.hf.staging import staged_folder
 from scaletrain.models.lora_plan import is_lora_name, lora_weights
 from scaletrain.models.registry import family_of
 from scaletrain.models.split_plan import to_hf
@@ -114,25 +113,14 @@ def write_peft_adapter(
     place when complete); returns the number of adapter parameters written."""
     from safetensors.torch import save_file
 
-    from scaletrain.hf.export import _umask_modes
-
     adapters = {k: v for k, v in weights.items() if is_lora_name(k)}
     state = peft_state_dict(adapters, cfg, list(finetune["lora_targets"]))
     modules = sorted({k.split(".")[-3] for k in state})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.{os.getpid()}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
+    with staged_folder(out) as partial:
+        partial.mkdir()
         save_file(state, partial / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         config = peft_config(finetune, modules, base)
         (partial / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        _umask_modes(partial)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(partial, out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return sum(t.numel() for t in adapters.values())
 
 
