@@ -183,9 +183,11 @@ class RouterStats:
         dp_group: dist.ProcessGroup | None,
         pp_group: dist.ProcessGroup | None = None,
         device: torch.device | None = None,
+        stepped: bool = True,
     ) -> dict[str, object]:
         """Collective over the data-parallel, then the pipeline ranks (every stage joins,
-        with or without MoE blocks): the step's metrics; then start a new step.
+        with or without MoE blocks): the step's metrics; then start a new step. `stepped`:
+        the optimizer applied this step (False on an fp16 overflow: the biases stay).
 
         Losses are means over the model's MoE layers, micro-batches and DP ranks (like the
         loss); token counts are sums over MoE layers, micro-batches and DP ranks, i.e. over
@@ -221,7 +223,7 @@ class RouterStats:
         if self.biased:
             shape = (self.moe_layers, self.num_experts)
             reduced = packed[4 + self.num_experts :].cpu()
-            metrics.update(update_biases(self.gates, reduced, shape, self.layer_freq))
+            metrics.update(update_biases(self.gates, reduced, shape, self.layer_freq, stepped))
         return metrics
 
 

@@ -186,13 +186,20 @@ def bias_rows(
 
 
 def update_biases(
-    gates: dict[int, RoutingGate], reduced: torch.Tensor, shape: tuple[int, int], layer_freq: int
+    gates: dict[int, RoutingGate],
+    reduced: torch.Tensor,
+    shape: tuple[int, int],
+    layer_freq: int,
+    stepped: bool = True,
 ) -> dict[str, object]:
     """Move every router's bias by the step's global loads (`bias_rows` summed over the
-    ranks); the metrics: the worst layer's max / mean load, and the biases it routed with."""
+    ranks), unless the optimizer skipped the step (`stepped` False: an fp16 overflow leaves the
+    weights as they were, so the bias stays too); the metrics: the worst layer's max / mean
+    load, and the biases it routed with."""
     loads, biases = reduced.view(2, *shape).unbind(0)
     for index, gate in gates.items():
-        gate.update_bias(loads[index // layer_freq])
+        if stepped:
+            gate.update_bias(loads[index // layer_freq])
     mean = loads.mean(dim=1).clamp(min=1.0)
     return {
         "moe_max_load_ratio": (loads.max(dim=1).values / mean).max().item(),

@@ -241,7 +241,8 @@ class Trainer:
         # summed over the pipeline stages: every stage joins, with or without MoE blocks.
         if router is not None:
             groups = self.topology.groups
-            metrics.update(router.collect(groups.dp, groups.pp, self.topology.device))
+            stepped = not metrics["skipped"]
+            metrics.update(router.collect(groups.dp, groups.pp, self.topology.device, stepped))
         return metrics
 
     def _accumulate(

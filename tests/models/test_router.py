@@ -180,6 +180,27 @@ def test_the_bias_balances_a_router_that_favours_one_expert(tp: TensorParallel) 
     assert gate.score_bias[0] < 0 < gate.score_bias[1:].min()
 
 
+def test_a_skipped_step_leaves_the_bias_as_it_was(tp: TensorParallel) -> None:
+    """An fp16 overflow skips the optimizer step (the weights stay): the bias stays too, while
+    the step's load is still reported; the next applied step moves it by rate * sign."""
+    cfg = with_(moe_top_k=1, moe_top1_normalize=True, moe_router_bias_update_rate=0.25)
+    stats = RouterStats.of(cfg)
+    torch.manual_seed(0)
+    mlp = MoEMLP(cfg, tp, ExpertParallel(), 0, stats)
+    mlp.moe.set_deepspeed_parallelism()
+    gate = mlp.moe.deepspeed_moe.gate
+    with torch.no_grad():
+        gate.wg.weight[0] += 0.03  # every token to expert 0
+    x = 1.0 + torch.randn(16, 32, 32, generator=torch.Generator().manual_seed(0))
+    for stepped, want in [(False, [0.0, 0.0, 0.0, 0.0]), (True, [-0.25, 0.25, 0.25, 0.25])]:
+        with torch.no_grad():
+            mlp(x)
+        stats.fold()
+        metrics = stats.collect(None, stepped=stepped)
+        assert metrics["moe_max_load_ratio"] == 4.0
+        assert gate.score_bias.tolist() == want
+
+
 def test_shared_experts_and_top_k_are_counted_by_the_planner(tp: TensorParallel) -> None:
     from scaletrain.plan.flops import parameter_count
     from tests.models.test_moe import PADDED, build
