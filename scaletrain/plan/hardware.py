@@ -105,12 +105,13 @@ def _read(path: Path) -> dict:
     return data
 
 
-def measure_cpu_tflops(size: int = 512, seconds: float = 0.2) -> float:
-    """One thread's best fp32 matmul rate in a short burst: the ranks run one thread each."""
+def measure_cpu_tflops(threads: int | None = 1, size: int = 512, seconds: float = 0.2) -> float:
+    """The best fp32 matmul rate in a short burst, on `threads` threads (None: the process's
+    own count). The planner asks for one: the ranks here run one thread each."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     try:
         a, b = torch.randn(size, size), torch.randn(size, size)
         best, deadline = 0.0, time.perf_counter() + seconds
@@ -119,7 +120,7 @@ def measure_cpu_tflops(size: int = 512, seconds: float = 0.2) -> float:
             torch.mm(a, b)
             best = max(best, 2 * size**3 / (time.perf_counter() - start))
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     return best / 1e12
 
 

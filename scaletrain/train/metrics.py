@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +63,9 @@ def device_peak_flops(device: torch.device, configured_tflops: float | None) -> 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 312e12)
-    return _measure_cpu_matmul_flops()
+    from scaletrain.plan.hardware import measure_cpu_tflops
 
-
-def _measure_cpu_matmul_flops(size: int = 512, seconds: float = 0.2) -> float:
-    """Best fp32 matmul throughput of this process in a short burst (the CPU 'peak')."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
-    return best
+    return measure_cpu_tflops(threads=None) * 1e12  # the rank's own threads, as it trains
 
 
 class MetricsWriter:
