@@ -62,6 +62,15 @@ def hardware_names(path: Path = HARDWARE_FILE) -> list[str]:
     return list(_read(path))
 
 
+def hardware_for_device(device_name: str, path: Path = HARDWARE_FILE) -> str | None:
+    """The entry of a GPU as CUDA names it ("NVIDIA H100 80GB HBM3" -> H100-SXM): the entry
+    whose model (its name up to the first '-') appears in the device name; None if none does."""
+    words = device_name.upper().replace("-", " ").split()
+    entries = [name for name in _read(path) if name != "cpu"]
+    found = [name for name in entries if name.split("-")[0].upper() in words]
+    return max(found, key=len) if found else None
+
+
 def load_hardware(
     name: str, world_size: int = 1, gpus_per_node: int | None = None, path: Path = HARDWARE_FILE
 ) -> Hardware:

@@ -27,9 +27,6 @@ from scaletrain.train.sinks import (
 
 __all__ = ["METRICS_FILE", "MetricsWriter", "device_peak_flops", "peak_memory_bytes"]
 
-# Dense bf16/fp16 tensor-core peaks (no sparsity), FLOP/s per GPU.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
 
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated CUDA memory, or the process's peak resident set on the CPU."""
@@ -56,16 +53,35 @@ def reset_peak_memory(device: torch.device) -> None:
         clear_refs.write_text("5")
 
 
-def device_peak_flops(device: torch.device, configured_tflops: float | None) -> float:
-    """FLOP/s one device can do: configured, looked up by GPU name, or measured on the CPU."""
+def device_peak_flops(device: torch.device, configured_tflops: float | None, dtype: str) -> float:
+    """FLOP/s one device can do in `dtype`: configured, the `configs/hardware.yaml` entry of
+    this GPU (its fp32 peak for an fp32 run), or measured (the CPU, or a GPU not listed)."""
+    from scaletrain.plan.hardware import hardware_for_device, load_hardware, measure_cpu_tflops
+
     if configured_tflops:
         return configured_tflops * 1e12
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 312e12)
-    from scaletrain.plan.hardware import measure_cpu_tflops
-
+        entry = hardware_for_device(torch.cuda.get_device_name(device))
+        if entry is not None:
+            return load_hardware(entry).peak_for(dtype)
+        return _measure_gpu_matmul_flops(device, dtype)
     return measure_cpu_tflops(threads=None) * 1e12  # the rank's own threads, as it trains
+
+
+def _measure_gpu_matmul_flops(device: torch.device, dtype: str, size: int = 8192) -> float:
+    """The best of a few large matmuls in the run's dtype: a GPU that hardware.yaml lacks."""
+    kind = {"fp32": torch.float32, "fp16": torch.float16}.get(dtype, torch.bfloat16)
+    a = torch.randn(size, size, device=device, dtype=kind)
+    b = torch.randn(size, size, device=device, dtype=kind)
+    best = 0.0
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        torch.cuda.synchronize(device)
+        best = max(best, 2 * size**3 / (start.elapsed_time(end) / 1e3))
+    return best
 
 
 class MetricsWriter:

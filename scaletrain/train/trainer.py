@@ -108,7 +108,9 @@ class Trainer:
         self.flops_per_token = flops_per_token(
             config.model, config.train.seq_len, resolved.padded_vocab_size
         )
-        self.peak_flops = device_peak_flops(topology.device, config.logging.peak_tflops)
+        self.peak_flops = device_peak_flops(
+            topology.device, config.logging.peak_tflops, config.precision.dtype
+        )
         self.stragglers = StragglerReport(
             config.logging.straggler_interval, config.fault.straggler_threshold, topology
         )

@@ -7,13 +7,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from scaletrain.cli import main
 from scaletrain.config.checks import check_config
 from scaletrain.config.load import load_config
 from scaletrain.plan import memory
 from scaletrain.plan.flops import parameter_count
-from scaletrain.plan.hardware import hardware_names, load_hardware
+from scaletrain.plan.hardware import hardware_for_device, hardware_names, load_hardware
 from scaletrain.plan.partition import balanced_blocks
 from scaletrain.plan.planner import make_plan
 from scaletrain.plan.search import search
@@ -118,6 +119,24 @@ def test_hardware_table_loads_every_entry() -> None:
         hw = load_hardware(name, world_size=4)
         assert hw.peak_flops > 0 and hw.memory_bytes > 0 and 0 < hw.efficiency <= 1
     assert load_hardware("H100-SXM").memory_bytes == 80e9
+
+
+def test_mfu_peak_is_the_hardware_entry_of_the_gpu_and_of_the_dtype() -> None:
+    """MFU's peak comes from the planner's table, by the name CUDA gives the device."""
+    from scaletrain.train.metrics import device_peak_flops
+
+    names = {
+        "NVIDIA H100 80GB HBM3": "H100-SXM",
+        "NVIDIA A100-SXM4-80GB": "A100-80GB",
+        "NVIDIA H200": "H200",
+        "AMD Instinct MI300X": "MI300X",
+        "NVIDIA L40S": None,  # not in the table: measured at start instead
+    }
+    assert {name: hardware_for_device(name) for name in names} == names
+    h200 = load_hardware("H200")
+    assert (h200.peak_flops, h200.fp32_flops) == (989e12, 67e12)
+    cpu = torch.device("cpu")
+    assert device_peak_flops(cpu, 100.0, "bf16") == 100e12  # logging.peak_tflops wins
 
 
 def test_json_keys(capsys: pytest.CaptureFixture) -> None:
