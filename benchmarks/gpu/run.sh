@@ -98,14 +98,15 @@ gpu_kit() { # runs in the pipeline's subshell: setup failures stop it, step fail
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" .whl/*.whl
     # From a copy: setuptools leaves build/ and *.egg-info/ beside the sources it builds.
+    # configs/ and slurm/ come along: scaletrain/configs and scaletrain/job.sbatch.in link to
+    # them, and the wheel ships them as package data.
     src=$(mktemp -d)
-    cp -r pyproject.toml README.md scaletrain "$src/"
+    cp -r pyproject.toml README.md scaletrain configs slurm "$src/"
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
         --upgrade --target "$SITE" "$src"
-    # The checkout's scaletrain first: the installed copy proves it installs offline, but it
-    # looks for configs/ and slurm/ beside its package (plan/hardware.py, launch/cluster.py),
-    # which a wheel does not ship.
-    export PYTHONPATH=$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}
+    # The installed copy, not the checkout: it proves scaletrain installs offline and finds
+    # its configs as package data (tests/test_package.py checks the same on CPU).
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
     python3 benchmarks/gpu/check_env.py
     if [[ ! -f data/stdlib/metadata.json ]]; then
         python3 -m scaletrain data prepare --stdlib --output data/stdlib --vocab-size 4096

@@ -19,6 +19,7 @@ import yaml
 
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError
+from scaletrain.resources import MODELS_DIR
 
 MODEL_BASE_KEY = "base"
 
@@ -111,7 +112,7 @@ def _compose_model(raw: dict[str, Any], run_file: Path | None) -> dict[str, Any]
         candidates = [*(d / name for d in here), Path(name)]
     else:  # a preset name
         candidates = [d.parent / "models" / f"{name}.yaml" for d in here]
-        candidates += [Path("configs/models") / f"{name}.yaml"]
+        candidates += [Path("configs/models") / f"{name}.yaml", MODELS_DIR / f"{name}.yaml"]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise ConfigError(

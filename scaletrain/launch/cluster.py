@@ -16,8 +16,8 @@ import yaml
 from scaletrain.config.load import _build, _read_yaml
 from scaletrain.errors import ConfigError
 from scaletrain.plan.hardware import hardware_names
+from scaletrain.resources import CLUSTERS_DIR
 
-CLUSTERS_DIR = Path(__file__).resolve().parents[2] / "configs" / "clusters"
 OVERRIDE_PREFIX = "cluster."
 VERBATIM = ("time", "mem")  # SLURM's own syntax: kept as written on the command line
 

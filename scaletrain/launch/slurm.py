@@ -23,8 +23,8 @@ from scaletrain.config.checks import Resolved
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError, ScaletrainError
 from scaletrain.launch.cluster import ClusterConfig
+from scaletrain.resources import SBATCH_TEMPLATE as TEMPLATE
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch.in"
 SLURM_DIR = "slurm"  # inside the run folder: script, resolved config, job records, logs
 SCRIPT, CONFIG, JOBS = "job.sbatch", "config.yaml", "jobs.jsonl"
 _PLACEHOLDER = re.compile(r"\{\{ (\w+) \}\}")

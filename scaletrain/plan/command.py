@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from scaletrain.errors import ConfigError
+from scaletrain.resources import CLUSTERS_DIR
 
 DEFAULT_GPU = "H100-SXM"
 
@@ -48,7 +49,7 @@ def _cluster_gpu(name: str) -> tuple[str | None, int | None]:
     that planning does not depend on the launch schema."""
     path = Path(name)
     if not path.is_file():
-        path = Path(__file__).resolve().parents[2] / "configs" / "clusters" / f"{name}.yaml"
+        path = CLUSTERS_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError("--cluster", f"cluster file {name!r} not found")
     raw = yaml.safe_load(path.read_text()) or {}

@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 from scaletrain.errors import ConfigError
+from scaletrain.resources import HARDWARE_FILE
 
-HARDWARE_FILE = Path(__file__).resolve().parents[2] / "configs" / "hardware.yaml"
 MEASURED = "measured"
 _FIELDS = (
     "peak_tflops",

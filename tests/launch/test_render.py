@@ -163,7 +163,7 @@ def test_cluster_file_with_a_key_twice_is_refused(tmp_path: Path) -> None:
 
 
 def test_bad_cluster_values_are_one_line_errors() -> None:
-    bad = CLUSTERS_DIR.parent.parent / "tests" / "launch" / "golden" / "unquoted-time.yaml"
+    bad = Path(__file__).parent / "golden" / "unquoted-time.yaml"
     with pytest.raises(Exception, match=r"cluster.time: write it as a quoted string"):
         load_cluster(str(bad))  # YAML 1.1 reads `time: 4:00:00` as 14400
     assert load_cluster("local", ["cluster.time=4:00:00"]).time == "4:00:00"  # kept as written
