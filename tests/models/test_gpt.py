@@ -9,18 +9,9 @@ from scaletrain.models.gpt import GPT
 from scaletrain.models.parallel import TensorParallel
 from scaletrain.plan.flops import flops_per_token, matmul_params, parameter_count
 from scaletrain.topology.init import seed_everything
+from tests.models.tiny import DENSE, PADDED, derive
 
-CFG = ModelConfig(
-    vocab_size=100,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    ffn_hidden_size=48,
-    max_seq_len=16,
-    make_vocab_size_divisible_by=64,
-)
-PADDED = 128
+CFG = DENSE
 
 
 def build(cfg: ModelConfig, tp: TensorParallel, seed: int = 0) -> GPT:
@@ -36,7 +27,7 @@ def test_padded_vocab_is_independent_of_tp() -> None:
 
 def test_parameter_count_matches_the_built_model(tensor_parallel: TensorParallel) -> None:
     for tied in (False, True):
-        cfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": tied})
+        cfg = derive(CFG, tie_embeddings=tied)
         model = build(cfg, tensor_parallel)
         assert parameter_count(cfg, PADDED) == sum(p.numel() for p in model.parameters())
 
@@ -76,7 +67,7 @@ def test_same_seed_same_weights(tensor_parallel: TensorParallel) -> None:
 
 
 def test_tied_head_uses_the_embedding(tensor_parallel: TensorParallel) -> None:
-    cfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": True})
+    cfg = derive(CFG, tie_embeddings=True)
     model = build(cfg, tensor_parallel)
     assert not [name for name in dict(model.named_parameters()) if name.startswith("head.")]
     tokens = torch.tensor([[5, 7, 9]])

@@ -3,8 +3,6 @@ dropping, the router losses and statistics, and the parameter counts of the pres
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,27 +15,17 @@ from scaletrain.models.moe import ExpertParallel, MoEMLP, RouterStats, moe_block
 from scaletrain.models.parallel import TensorParallel
 from scaletrain.plan.flops import flops_per_token, matmul_params, moe_layer_count, parameter_count
 from scaletrain.topology.init import seed_everything
+from tests.distributed import REPO
+from tests.models.tiny import DENSE, PADDED, derive
 
-MODELS = Path(__file__).resolve().parents[2] / "configs" / "models"
-CFG = ModelConfig(
-    vocab_size=100,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    ffn_hidden_size=48,
-    max_seq_len=16,
-    make_vocab_size_divisible_by=64,
-    num_experts=4,
-    moe_top_k=2,
-    moe_capacity_factor=2.0,
-    moe_eval_capacity_factor=2.0,
+MODELS = REPO / "configs" / "models"
+CFG = derive(
+    DENSE, num_experts=4, moe_top_k=2, moe_capacity_factor=2.0, moe_eval_capacity_factor=2.0
 )
-PADDED = 128
 
 
 def with_(cfg: ModelConfig = CFG, **changes) -> ModelConfig:
-    return ModelConfig(**{**cfg.__dict__, **changes})
+    return derive(cfg, **changes)
 
 
 @pytest.fixture(scope="module")

@@ -9,31 +9,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scaletrain.config.schema import ModelConfig
 from scaletrain.models.gpt import GPT
 from scaletrain.models.parallel import TensorParallel
 from scaletrain.models.pipeline import layer_weights, pipeline_model
 from scaletrain.plan.flops import parameter_count
 from scaletrain.topology.dims import ParallelDims
 from scaletrain.topology.init import seed_everything
+from tests.models.tiny import DENSE, PADDED, derive
 
-CFG = ModelConfig(
-    vocab_size=100,
-    hidden_size=32,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    ffn_hidden_size=48,
-    max_seq_len=16,
-    make_vocab_size_divisible_by=64,
-)
-PADDED = 128
+CFG = derive(DENSE, num_layers=3)
 ONE = ParallelDims(tp=1, pp=1, dp=1)
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_one_stage_pipeline_is_the_gpt(tensor_parallel: TensorParallel, tied: bool) -> None:
-    cfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": tied})
+    cfg = derive(CFG, tie_embeddings=tied)
     seed_everything(11)
     gpt = GPT(cfg, PADDED, tensor_parallel)
     seed_everything(11)

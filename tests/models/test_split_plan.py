@@ -21,25 +21,17 @@ from scaletrain.models.registry import (
 from scaletrain.models.split_plan import Split, check_saved_split, from_hf, to_hf
 from scaletrain.topology.dims import ParallelDims
 from scaletrain.topology.init import seed_everything
+from tests.models.tiny import DENSE, derive
 
-CFG = ModelConfig(
-    vocab_size=100,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    ffn_hidden_size=48,
-    max_seq_len=16,
-    make_vocab_size_divisible_by=64,
-)
-MOE = ModelConfig(**{**CFG.__dict__, "num_experts": 4})
+CFG = DENSE
+MOE = derive(CFG, num_experts=4)
 
 
 @pytest.mark.parametrize(
     ("cfg", "family"),
     [
         (CFG, "llama"),
-        (ModelConfig(**{**CFG.__dict__, "tie_embeddings": True}), "llama"),
+        (derive(CFG, tie_embeddings=True), "llama"),
         (MOE, "mixtral"),
     ],
 )
