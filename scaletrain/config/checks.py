@@ -50,7 +50,7 @@ def check_config(
     check_precision(config, ranks_here)
     micro, accum, global_batch = _check_batch(config, dims)  # before optim: it checks steps
     check_moe(config, dims)
-    check_lora(config, dims)
+    check_lora(config)
     _check_classify(config, dims)
     _check_optim(config)
     _check_checkpoint(config)

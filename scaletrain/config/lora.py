@@ -1,7 +1,9 @@
 """The rules of the `finetune` section (LoRA): values, and the layouts the adapters run with.
 
 Checked before any process exists, so that a wrong target name or a layout the adapters do not
-support yet is one line naming the field, not a traceback from inside a rank.
+support yet is one line naming the field, not a traceback from inside a rank. Every layout of a
+dense model is one they support: ZeRO-3 partitions the frozen base like any parameter, and each
+pipeline stage holds the adapters of its own blocks (docs/finetuning.md#lora).
 """
 
 from __future__ import annotations
@@ -11,18 +13,19 @@ from typing import Any
 
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError
-from scaletrain.topology.dims import ParallelDims
 
 HF_PREFIX = "hf:"  # as model.init_from spells a Hugging Face folder
 LORA_TARGETS = ("qkv", "out", "gate_up", "down")
 """The linear layers of a decoder block an adapter can sit on (models/layers.py)."""
+MLP_TARGETS = ("gate_up", "down")
+"""The MLP's: an MoE model's experts, so only the attention's (qkv, out) take adapters there."""
 
 
 def lora_enabled(config: Config) -> bool:
     return config.finetune.lora_rank > 0
 
 
-def check_lora(config: Config, dims: ParallelDims) -> None:
+def check_lora(config: Config) -> None:
     f = config.finetune
     if f.lora_rank < 0:
         raise ConfigError("finetune.lora_rank", f"must be >= 0 (0 = off), got {f.lora_rank}")
@@ -40,16 +43,20 @@ def check_lora(config: Config, dims: ParallelDims) -> None:
         )
     if len(set(f.lora_targets)) != len(f.lora_targets):
         raise ConfigError("finetune.lora_targets", f"{f.lora_targets} names a layer twice")
-    if config.model.num_experts:
+    experts = config.model.num_experts
+    on_mlp = [t for t in f.lora_targets if t in MLP_TARGETS]
+    if experts and on_mlp:  # every block's attention is dense; its MLPs are (mostly) experts
         raise ConfigError(
-            "finetune.lora_rank",
-            f"({f.lora_rank}) with MoE (model.num_experts {config.model.num_experts}) is not "
-            "supported: adapters sit on dense blocks only; set finetune.lora_rank=0",
+            "finetune.lora_targets",
+            f"{on_mlp} with MoE (model.num_experts {experts}): the MLPs of an MoE model are "
+            "its experts, which take no adapters (nor do the dense blocks' MLPs of "
+            "moe_layer_freq > 1); use finetune.lora_targets=[qkv, out]",
         )
-    if dims.pp > 1:
+    if experts and config.model.moe_router_bias_update_rate > 0:
         raise ConfigError(
-            "finetune.lora_rank",
-            f"({f.lora_rank}) with parallel.pp ({dims.pp}) is not supported yet; use pp=1",
+            "model.moe_router_bias_update_rate",
+            f"({config.model.moe_router_bias_update_rate:g}) moves the routers' biases, a part "
+            "of the frozen base, while LoRA trains; set it to 0 for LoRA",
         )
     if config.checkpoint.load_weights_only:
         raise ConfigError(
@@ -57,12 +64,6 @@ def check_lora(config: Config, dims: ParallelDims) -> None:
             f"({f.lora_rank}) with checkpoint.load_weights_only: a base taken from a scaletrain "
             "checkpoint is not supported yet; export it (`scaletrain export hf`) and set "
             "model.init_from=hf:<folder>",
-        )
-    if config.parallel.zero_stage == 3:
-        raise ConfigError(
-            "finetune.lora_rank",
-            f"({f.lora_rank}) with parallel.zero_stage 3 is not supported yet (the frozen base "
-            "is not partitioned); use zero_stage 0, 1 or 2",
         )
 
 

@@ -294,7 +294,8 @@ class LoggingConfig:
     inside collectives apart) with torch.profiler, gather them to rank 0 and report a rank
     slower than `fault.straggler_threshold` x its peers; 0 disables (no timing at all)."""
     peak_tflops: float | None = None
-    """Peak TFLOP/s of one device for MFU; null looks the GPU up or measures the CPU once."""
+    """Peak TFLOP/s of one device for MFU; null looks the GPU up in `configs/hardware.yaml`
+    (fp32 or bf16 peak by `precision.dtype`) or measures the device once."""
 
 
 @dataclass
@@ -309,7 +310,8 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     """Dropout on the adapter's input during training (0 = none)."""
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "out", "gate_up", "down"])
-    """Which linear layers get an adapter: any of qkv, out (attention), gate_up, down (MLP)."""
+    """Which linear layers get an adapter: any of qkv, out (attention), gate_up, down (MLP); an
+    MoE model takes qkv and out only (its MLPs are experts)."""
 
 
 @dataclass

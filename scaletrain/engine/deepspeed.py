@@ -17,6 +17,7 @@ from torch import nn
 
 from scaletrain.config.checks import Resolved
 from scaletrain.config.schema import Config
+from scaletrain.engine.frozen_experts import engine_without_moe
 from scaletrain.engine.moe_stages import join_expert_norm_reductions
 from scaletrain.models.moe import check_expert_layout, create_expert_groups
 from scaletrain.plan.flops import parameter_count
@@ -137,15 +138,16 @@ def initialize_engine(
     pipelined = isinstance(model, PipelineModule)
     if config.model.num_experts:
         create_expert_groups(resolved.dims.ep, topology.mpu)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=ds_config(config, resolved, load_universal),
-        # A PipelineModule brings its own grid over the same rank layout as ours.
-        mpu=None if pipelined else topology.mpu,
-        dist_init_required=False,
-    )
+    with engine_without_moe(model):  # LoRA over frozen experts: nothing MoE to optimize
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config(config, resolved, load_universal),
+            # A PipelineModule brings its own grid over the same rank layout as ours.
+            mpu=None if pipelined else topology.mpu,
+            dist_init_required=False,
+        )
     if own is not None:
         own.engine = engine
     check_expert_layout(engine.module)

@@ -127,12 +127,23 @@ class LoraRowParallelLinear(RowParallelLinear):
 
 def freeze_base(model: nn.Module) -> tuple[int, int]:
     """Only the adapters train: every other parameter stops taking gradients (and so gets no
-    optimizer state, see engine.deepspeed.param_groups). Returns (trainable, frozen) counts."""
+    optimizer state, see engine.deepspeed.param_groups). Returns (trainable, frozen) counts of
+    whole parameters (ZeRO-3's `ds_numel`: its partitioned ones hold an empty placeholder)."""
     trainable = frozen = 0
     for name, param in model.named_parameters():
         param.requires_grad_(is_lora_name(name))
+        count = getattr(param, "ds_numel", param.numel())
         if param.requires_grad:
-            trainable += param.numel()
+            trainable += count
         else:
-            frozen += param.numel()
+            frozen += count
     return trainable, frozen
+
+
+def held_base(model: nn.Module) -> int | None:
+    """Elements of the frozen base this rank holds under ZeRO-3 (its partitions, `ds_tensor`),
+    None when nothing is partitioned."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    if not any(hasattr(p, "ds_tensor") for p in frozen):
+        return None
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in frozen)

@@ -11,7 +11,7 @@ import torch
 from scaletrain.config.checks import Resolved
 from scaletrain.config.schema import Config
 from scaletrain.logs import get_logger
-from scaletrain.models.lora import LoraSpec, freeze_base
+from scaletrain.models.lora import LoraSpec, freeze_base, held_base
 from scaletrain.models.moe import ExpertParallel
 from scaletrain.models.parallel import TensorParallel
 from scaletrain.models.registry import build_model
@@ -44,7 +44,12 @@ def build_run_model(
         load_hf_weights(model, config.model, resolved.padded_vocab_size, tp, ep)
     if lora is not None:
         trainable, frozen = freeze_base(model)
-        log.info("LoRA: %d adapter parameters train, %d base ones frozen", trainable, frozen)
+        held = held_base(model)  # ZeRO-3 partitions the frozen base like every parameter
+        where = "" if held is None else f", {held} of them held on this rank"
+        where += " (this rank's pipeline stage)" if resolved.dims.pp > 1 else ""
+        log.info(
+            "LoRA: %d adapter parameters train, %d base ones frozen%s", trainable, frozen, where
+        )
     return model
 
 

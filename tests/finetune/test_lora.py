@@ -2,10 +2,12 @@
 
 In process: the config's one-line refusals; an adapter layer computes W x + alpha / r * B A x;
 only the adapters train (the base stays bit for bit, no optimizer state: the model-state bytes
-measured). Multi-process, over a base made with transformers' own classes: TP2 loss equals TP1
-within 1e-5, a resumed run continues the loss curve bit for bit, checkpoints hold the adapters
-plus the base's source, and `export hf --merge-lora / --lora-adapter` give transformers (and
-peft over the base) the unmerged model's logits within 1e-5.
+measured). Multi-process, over a base made with transformers' own classes (one torchrun per
+layout, 6 steps): TP2, DP2 ZeRO-3 and PP2 losses equal TP1's within 1e-5, ZeRO-3 holds half of
+the frozen base per rank, the ZeRO-3 run resumed at step 3 continues its loss curve bit for bit,
+each layout's checkpoint holds the adapters plus the base's source, and `export hf --merge-lora
+/ --lora-adapter` of each give transformers (and peft over the base) the unmerged model's
+logits within 1e-5.
 """
 
 from __future__ import annotations
@@ -56,16 +58,8 @@ def test_finetune_fields_are_checked_in_one_line() -> None:
     assert _refusal("finetune.lora_targets=[out,out]") == (
         f"{prefix}lora_targets: ['out', 'out'] names a layer twice"
     )
-    assert _refusal("model.num_experts=4") == (
-        f"{prefix}lora_rank: (8) with MoE (model.num_experts 4) is not supported: adapters "
-        "sit on dense blocks only; set finetune.lora_rank=0"
-    )
-    assert _refusal("parallel.pp=2", world_size=2) == (
-        f"{prefix}lora_rank: (8) with parallel.pp (2) is not supported yet; use pp=1"
-    )
-    assert _refusal("parallel.zero_stage=3") == (
-        f"{prefix}lora_rank: (8) with parallel.zero_stage 3 is not supported yet (the frozen "
-        "base is not partitioned); use zero_stage 0, 1 or 2"
+    assert _refusal("model.num_experts=4").startswith(  # tests/finetune/test_lora_moe.py
+        f"{prefix}lora_targets: ['gate_up', 'down'] with MoE (model.num_experts 4): "
     )
     assert _refusal("checkpoint.resume=/x", "checkpoint.load_weights_only=true") == (
         f"{prefix}lora_rank: (8) with checkpoint.load_weights_only: a base taken from a "
@@ -74,6 +68,9 @@ def test_finetune_fields_are_checked_in_one_line() -> None:
     )
     off = load_config(LORA_TINY, ["model.vocab_size=512", "finetune.lora_rank=0"])
     check_config(off, world_size=1, check_data=False)  # 0 is off: nothing else is checked
+    for layout, ranks in (("parallel.zero_stage=3", 2), ("parallel.pp=2", 2)):  # both allowed
+        config = load_config(LORA_TINY, ["model.vocab_size=512", layout])
+        check_config(config, world_size=ranks, check_data=False)
 
 
 def test_resume_needs_the_lora_settings_that_saved() -> None:
@@ -175,9 +172,19 @@ def _sha(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+RUNS = {  # name: (ranks, overrides), each from the same base; "resumed" restarts "z3" at step 3
+    "tp1": (1, ()),
+    "tp2": (2, ("parallel.tp=2",)),
+    "z3": (2, ("parallel.zero_stage=3",)),  # DP2: the frozen base partitioned over both ranks
+    "pp2": (2, ("parallel.pp=2",)),
+    "resumed": (2, ("parallel.zero_stage=3",)),
+}
+
+
 @pytest.fixture(scope="module")
 def lora_runs(stdlib_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A base saved by transformers; LoRA over it at TP1, at TP2, and TP1 resumed at step 3."""
+    """A base saved by transformers; LoRA over it at TP1, TP2, DP2 ZeRO-3 and PP2, and the
+    ZeRO-3 run resumed at step 3. Each run's output is kept in its `output.log`."""
     from tests.hf.test_import import save_llama
 
     root = tmp_path_factory.mktemp("lora")
@@ -186,49 +193,79 @@ def lora_runs(stdlib_data: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     config = ("--config", str(LORA_TINY), f"data.paths=[{stdlib_data}]")
     config = (*config, f"model.init_from=hf:{base}")
     runs = {"base": base}
-    for name, ranks, extra in (
-        ("tp1", 1, ()),
-        ("tp2", 2, ("parallel.tp=2",)),
-        ("resumed", 1, (f"checkpoint.resume={root / 'tp1' / 'checkpoints' / 'step_00000003'}",)),
-    ):
+    resume = f"checkpoint.resume={root / 'z3' / 'checkpoints' / 'step_00000003'}"
+    for name, (ranks, extra) in RUNS.items():
         run = ("-m", "scaletrain", "train", *config, *COMMON, f"train.run_dir={root / name}")
-        torchrun(ranks, *run, *extra)
+        done = torchrun(ranks, *run, *extra, *((resume,) if name == "resumed" else ()))
+        (root / name / "output.log").write_text(done.stdout + done.stderr)
         runs[name] = root / name
     assert _sha(base) == before  # the base is read, never written
     return runs
 
 
 @pytest.mark.slow
-def test_lora_tp2_equals_tp1_and_resumes_exactly(lora_runs: dict[str, Path]) -> None:
+def test_lora_layouts_equal_one_rank_and_resume_exactly(lora_runs: dict[str, Path]) -> None:
     from tests.distributed import assert_losses_close
 
-    tp1, tp2, resumed = (read_metrics(lora_runs[n]) for n in ("tp1", "tp2", "resumed"))
+    tp1, z3, resumed = (read_metrics(lora_runs[n]) for n in ("tp1", "z3", "resumed"))
     assert tp1[-1]["loss"] < tp1[0]["loss"]
-    assert_losses_close(tp2, tp1, rel=1e-5)
-    assert_losses_close(tp2, tp1, rel=1e-5, key="val_loss")
+    for name in ("tp2", "z3", "pp2"):
+        metrics = read_metrics(lora_runs[name])
+        assert_losses_close(metrics, tp1, rel=1e-5)
+        assert_losses_close(metrics, tp1, rel=1e-5, key="val_loss")
     curve = [(m["step"], m["loss"], m.get("val_loss"), m["lr"]) for m in resumed]
-    assert curve == [(m["step"], m["loss"], m.get("val_loss"), m["lr"]) for m in tp1[3:]]
+    assert curve == [(m["step"], m["loss"], m.get("val_loss"), m["lr"]) for m in z3[3:]]
 
 
 @pytest.mark.slow
-def test_lora_checkpoint_holds_adapters_and_the_base(lora_runs: dict[str, Path]) -> None:
+def test_zero3_partitions_the_frozen_base(lora_runs: dict[str, Path]) -> None:
+    """Rank 0 of the DP2 ZeRO-3 run holds half of every frozen base weight (all even-sized)."""
+    found = [
+        line.split("INFO ", 1)[1]
+        for line in (lora_runs["z3"] / "output.log").read_text().splitlines()
+        if "LoRA: " in line
+    ]
+    assert found == [
+        "LoRA: 13312 adapter parameters train, 139584 base ones frozen, 69792 of them held on "
+        "this rank"
+    ]
+
+
+WEIGHT_FILES = {  # where each layout's DeepSpeed files keep the module's weights
+    "tp2": ("mp_rank_0[01]_model_states.pt", "module"),
+    "z3": ("zero_pp_rank_[01]_mp_rank_00_model_states.pt", "module"),  # ZeRO-3 placeholders
+    "pp2": ("layer_0[0-4]-model_00-model_states.pt", None),  # one file per pipeline layer
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(WEIGHT_FILES))
+def test_lora_checkpoint_holds_adapters_and_the_base(
+    lora_runs: dict[str, Path], layout: str
+) -> None:
     from scaletrain.checkpoint.consolidate import consolidated_weights
 
-    folder = lora_runs["tp2"] / "checkpoints" / "step_00000006"
+    folder = lora_runs[layout] / "checkpoints" / "step_00000006"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["lora_base"] == {"init_from": f"hf:{lora_runs['base'].resolve()}"}
     assert all(n.endswith((".lora_A", ".lora_B")) for n in manifest["parameters"])
     assert len(manifest["parameters"]) == 2 * 2 * 4  # 2 blocks x 4 targets x (A, B)
-    for rank in (0, 1):
-        states = torch.load(folder / f"mp_rank_{rank:02d}_model_states.pt", weights_only=False)
-        weights = [k for k, v in states["module"].items() if torch.is_tensor(v)]
-        assert weights and all(k.endswith((".lora_A", ".lora_B")) for k in weights)
-    # TP2's slices merged by the split plan are TP1's adapters (gate|up's B with stride 2).
-    _, tp2 = consolidated_weights(folder)
+    pattern, key = WEIGHT_FILES[layout]
+    files = sorted(folder.glob(pattern))
+    assert len(files) == (5 if layout == "pp2" else 2)
+    saved = []
+    for path in files:
+        states = torch.load(path, weights_only=False)
+        saved += [k for k, v in (states[key] if key else states).items() if torch.is_tensor(v)]
+    assert len(saved) == (16 if layout == "pp2" else 32)  # pp2: each layer once, on its stage
+    assert all(k.endswith((".lora_A", ".lora_B")) for k in saved)
+    # The layout's adapters merged by the split plan (TP slices, ZeRO-3 partitions, pipeline
+    # layers) are TP1's adapters (gate|up's B with stride 2).
+    _, got = consolidated_weights(folder)
     _, tp1 = consolidated_weights(lora_runs["tp1"] / "checkpoints" / "step_00000006")
-    assert tp2.keys() == tp1.keys()
+    assert got.keys() == tp1.keys()
     for name, full in tp1.items():  # a row order off (e.g. stride 1) would be off by ~100%
-        assert _relative(tp2[name], full) < 1e-4, name
+        assert _relative(got[name], full) < 1e-4, name
     assert tp1["blocks.1.mlp.gate_up.lora_B"].abs().max() > 1e-3
 
 
@@ -237,8 +274,13 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2", "z3", "pp2"])
 def test_export_merged_and_adapter_give_unmerged_logits(
-    lora_runs: dict[str, Path], tmp_path: Path, capsys, tensor_parallel: TensorParallel
+    lora_runs: dict[str, Path],
+    layout: str,
+    tmp_path: Path,
+    capsys,
+    tensor_parallel: TensorParallel,
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -250,7 +292,7 @@ def test_export_merged_and_adapter_give_unmerged_logits(
     from scaletrain.models.gpt import GPT
     from scaletrain.models.lora import LoraSpec
 
-    run, base = lora_runs["tp2"], lora_runs["base"]
+    run, base = lora_runs[layout], lora_runs["base"]
     checkpoint = find_checkpoint(run)
     assert main(["export", "hf", str(run), str(tmp_path / "plain")]) == 2
     assert capsys.readouterr().err == (
@@ -263,7 +305,7 @@ def test_export_merged_and_adapter_give_unmerged_logits(
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
-    # The unmerged scaletrain model: the base plus the TP2 run's adapters, at TP1.
+    # The unmerged scaletrain model: the base plus the run's adapters, at TP1.
     manifest, adapters = consolidated_weights(checkpoint)
     config = from_dict(manifest.data["config"])
     cfg = config.model
