@@ -1,11 +1,14 @@
 """`scaletrain ckpt consolidate`: a sharded checkpoint of any ZeRO stage and TP degree as one
 fp32 safetensors file with the model's parameter names, in one plain process.
 
-Pipeline and MoE checkpoints at ZeRO 1/2 (fp32 or bf16) take the fp32 masters from the
-optimizer partitions (`zero_state`), under whole-model names and global expert ids. Others go
-through DeepSpeed's `zero_to_fp32` once per TP rank, then merge the TP slices with the
-split its family's split plan gives each parameter (`scaletrain.models.split_plan`), checked
-against the split the manifest recorded at save time (`parameters[name].tp_dim/tp_stride`).
+Pipeline and MoE checkpoints at ZeRO 1/2 (fp32 or bf16; MoE x pipeline too) take the fp32
+masters from the optimizer partitions (`zero_state`), under whole-model names and global expert
+ids, and the model's buffers the split plan names (the router's `score_bias`) from the
+model-states files; at ZeRO-0 in bf16 / fp16 from DeepSpeed's mixed-precision optimizer state
+(`zero0_state`). Others go through DeepSpeed's `zero_to_fp32` once per TP rank, then merge the
+TP slices with the split its family's split plan gives each parameter
+(`scaletrain.models.split_plan`), checked against the split the manifest recorded at save time
+(`parameters[name].tp_dim/tp_stride`).
 
 Every file is read weights-only (`safe_load`; `zero_to_fp32`'s own loads too), so a checkpoint
 from anywhere is safe to consolidate; one that needs full unpickling asks for `--allow-pickle`.
@@ -29,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from scaletrain.checkpoint.manifest import MANIFEST, Manifest, step_of
 from scaletrain.checkpoint.safe_load import CLI_OPT_IN, check_folder, load, weights_only_loading
 from scaletrain.checkpoint.tools import holds_checkpoints, verify
-from scaletrain.checkpoint.zero_state import read_zero_state, whole_name
+from scaletrain.checkpoint.zero0_state import zero0_masters
+from scaletrain.checkpoint.zero_state import read_buffers, read_zero_state, whole_name
 from scaletrain.errors import ScaletrainError
 from scaletrain.logs import get_logger
 from scaletrain.models.registry import pipeline_layer_names, saved_model_config, saved_split_plan
@@ -99,22 +103,24 @@ def consolidated_weights(
     pipelined = layout.get("pp", 1) > 1
     precision = manifest.data.get("precision")
     tp, zero_stage = int(layout["tp"]), int(layout["zero_stage"])
-    if (pipelined or moe) and precision != "fp32" and zero_stage == 0:
-        what = "pipeline" if pipelined else "MoE"
-        raise ScaletrainError(
-            f"{folder}: consolidating a {precision} {what} checkpoint saved at zero_stage=0 is "
-            "not supported (no fp32 masters in ZeRO partitions); save it at zero_stage 1 or 2"
-        )
     parameters: dict[str, dict[str, Any]] = manifest.data.get("parameters") or {}
     if not parameters:
         raise ScaletrainError(f"{folder}: the manifest has no parameter layout to merge with")
     if not allow_pickle:
         check_folder(folder, CLI_OPT_IN)
     if (pipelined or moe) and zero_stage > 0:
-        # The fp32 masters of every stage and expert, from the optimizer partitions.
+        # The fp32 masters of every stage and expert, from the optimizer partitions; the
+        # buffers (the router's score_bias), in none of them, from the model-states files.
         with weights_only_loading(allow_pickle):
             state = read_zero_state(folder, manifest, allow_pickle, states=("fp32",))
-        return manifest, {name: full["fp32"] for name, full in state.tensors.items()}
+            buffers = read_buffers(folder, manifest, allow_pickle)
+        weights = {name: full["fp32"] for name, full in state.tensors.items()}
+        return manifest, weights | {name: t.float() for name, t in buffers.items()}
+    if (pipelined or moe) and precision != "fp32":  # ZeRO-0: DeepSpeed's bf16/fp16 optimizers
+        with weights_only_loading(allow_pickle):
+            weights = zero0_masters(folder, manifest, allow_pickle)
+            buffers = read_buffers(folder, manifest, allow_pickle)
+        return manifest, weights | {name: t.float() for name, t in buffers.items()}
     plan = saved_split_plan(manifest.data)
     with weights_only_loading(allow_pickle):
         if pipelined:

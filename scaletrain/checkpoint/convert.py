@@ -20,9 +20,11 @@ split plan (`scaletrain.models.split_plan`), checked against the manifest's `par
 DeepSpeed's ZeRO-1/2 and ZeRO-3 loaders read different file names and fields from the copy,
 so it is completed for both (`_serve_every_stage`), and two shortcuts of the ZeRO-3 loader are
 undone after loading (`repair_optimizer`). A pipeline or MoE checkpoint on either side (pp or
-ep > 1, experts) is converted by our own writer instead (`layout_convert`). Not supported:
-ZeRO-0 on either side (no ZeRO shards to convert, no universal loader), ZeRO-3 with TP > 1 as
-the target, ZeRO-3 on either side of a pipeline or MoE conversion, a change of precision, and
+ep > 1, experts; MoE x pipeline too) is converted by our own writer instead (`layout_convert`).
+The universal loader never reads the module state, so the model's buffers (the router's
+`score_bias`) are copied in after loading (`restore_buffers`). Not supported: ZeRO-0 on either
+side (no ZeRO shards to convert, no universal loader), ZeRO-3 with TP > 1 as the target, ZeRO-3
+on either side of a pipeline or MoE conversion, a change of precision, and
 `checkpoint.load_weights_only` across layouts.
 
 The converted copy lives in `<checkpoints>/.universal/step_N/`, never in the checksummed
@@ -82,14 +84,7 @@ def check_reshardable(manifest: Manifest, current: dict[str, Any], precision: st
             f"{where}: its manifest has no parameter layout (saved by an older scaletrain); "
             "resume it on its own layout once and save again"
         )
-    moe = is_moe(manifest.data)
-    own = needs_own_conversion(saved, current, moe)
-    if moe and (saved.get("pp", 1) > 1 or current.get("pp", 1) > 1):
-        # A stage without MoE blocks has fewer optimizer groups than one with them.
-        raise ScaletrainError(
-            f"{where}: resharding an MoE checkpoint with pipeline stages (pp > 1) on either side "
-            "is not supported; resume it on the saved layout"
-        )
+    own = needs_own_conversion(saved, current, is_moe(manifest.data))
     for side, layout in (("saved", saved), ("current", current)):
         if layout["zero_stage"] == 0:
             raise ScaletrainError(
@@ -311,13 +306,34 @@ def repair_optimizer(engine: Any, universal: Path, allow_pickle: bool = False) -
 
     saved = load(universal / "zero" / "optimizer_state.pt", allow_pickle)
     groups = engine.optimizer.param_groups
-    if len(groups) != len(saved[PARAM_GROUPS]):
+    # A pipeline stage without MoE blocks has the dense groups only: a prefix of the saved list
+    # (not checked by name: the ZeRO-3 loader gave every group the first group's).
+    if len(groups) > len(saved[PARAM_GROUPS]):
         raise ScaletrainError(
             f"{universal.name}: {len(saved[PARAM_GROUPS])} optimizer groups saved, "
             f"{len(groups)} here"
         )
-    for group, saved_group in zip(groups, saved[PARAM_GROUPS], strict=True):
+    for group, saved_group in zip(groups, saved[PARAM_GROUPS], strict=False):
         group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+def restore_buffers(engine: Any, universal: Path, allow_pickle: bool = False) -> None:
+    """DeepSpeed's universal loader restores parameters from `zero/` and never reads the
+    module state, so the model's persistent buffers (the router's `score_bias`) would keep
+    their initial values: copy them from the copy's model-states file (`layout_convert` puts
+    every stage's there under the new names)."""
+    module = engine.module
+    persistent = set(module.state_dict(keep_vars=True))
+    buffers = {n: b for n, b in module.named_buffers() if n in persistent}
+    if not buffers:
+        return
+    states = next(universal.glob("mp_rank_*_model_states.pt"))
+    saved = load(states, allow_pickle).get("module") or {}
+    for name, buffer in buffers.items():
+        if name not in saved:
+            raise ScaletrainError(f"{universal}: no saved value for the model's buffer {name}")
+        with torch.no_grad():
+            buffer.copy_(saved[name])
 
 
 def _alias(path: Path, alias: Path) -> None:

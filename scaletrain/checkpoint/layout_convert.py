@@ -9,13 +9,17 @@ tensors `zero_state` reads, under the names the new engine's parameters have:
 
     zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt   {"param": full tensor, "cat_dim", ...}
     zero/optimizer_state.pt                          param groups, loss scaler, clipping
-    mp_rank_00_model_states.pt                       LR schedule, step counters (module unused)
+    mp_rank_00_model_states.pt                       LR schedule, step counters; "module": the
+                                                     buffers (router bias) under the new names
 
 The engine's own universal loader (`checkpoint.load_universal`) then cuts its TP slice and ZeRO
 partition from each, with `cat_dim` / `param_n_sub_params` taken from the split plan. Names:
 a pipeline target gets layer-index names; an MoE target one view per expert-parallel rank
 (`ep_rank_R/`), whose `zero/` links rank R's local expert ids to the global experts in
-`experts/` and the dense entries to `zero/` (links keep the copy one set of files).
+`experts/` and the dense entries to `zero/` (links keep the copy one set of files); both for
+MoE x pipeline. A stage without MoE blocks has only the dense optimizer groups, a prefix of the
+full list written here (DeepSpeed appends the expert groups). ZeRO-0 and ZeRO-3 are refused on
+either side (`convert.check_reshardable`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from scaletrain.checkpoint.zero_state import (
     expert_id,
     expert_name,
     pipeline_name,
+    read_buffers,
     read_zero_state,
 )
 from scaletrain.models.registry import pipeline_layer_names, saved_model_config
@@ -43,7 +48,6 @@ from scaletrain.models.split_plan import Split
 
 EXPERT_DIR = "experts"
 MODEL_STATES = "mp_rank_00_model_states.pt"
-EXTRA_STATE = "._extra_state"
 
 
 def needs_own_conversion(saved: dict[str, Any], current: dict[str, Any], moe: bool) -> bool:
@@ -82,13 +86,18 @@ def write_universal(
     saved_ep = int(manifest.data["layout"].get("ep", 1))
     torch.save(_optimizer_state(state, saved_ep, target["ep"]), zero / "optimizer_state.pt")
     model_states = load(folder / MODEL_STATES, allow_pickle)
-    module = model_states.get("module")
-    if module is not None:  # the universal loader restores weights from zero/, not from here
-        model_states["module"] = {k: v for k, v in module.items() if not k.endswith(EXTRA_STATE)}
+    # The universal loader restores parameters from zero/ and never reads the module state;
+    # the buffers, every stage's, under the new names, are restored from here
+    # (`convert.restore_buffers`).
+    buffers = read_buffers(folder, manifest, allow_pickle)
+    model_states["module"] = {
+        (pipeline_name(name, layers) if layers else name): tensor
+        for name, tensor in buffers.items()
+    }
     model_states["mp_world_size"] = 1  # the one file here (DeepSpeed counts them)
     torch.save(model_states, out / MODEL_STATES)
     if target["moe"]:
-        _expert_views(out, state, cfg.num_experts, target["ep"])
+        _expert_views(out, state, cfg.num_experts, target["ep"], layers)
 
 
 def _write_param(
@@ -122,9 +131,12 @@ def _optimizer_state(state: ZeroState, saved_ep: int, ep: int) -> dict[str, Any]
     return {**state.optimizer_globals, PARAM_GROUPS: groups}
 
 
-def _expert_views(out: Path, state: ZeroState, num_experts: int, ep: int) -> None:
-    """`ep_rank_R/`: rank R's local expert names linked to their global entries, the dense ones
-    and the global files linked as they are (relative links: the copy can be renamed)."""
+def _expert_views(
+    out: Path, state: ZeroState, num_experts: int, ep: int, layers: list[str] | None
+) -> None:
+    """`ep_rank_R/`: rank R's local expert names (layer-index names for a pipelined target)
+    linked to their global entries, the dense ones and the global files linked as they are
+    (relative links: the copy can be renamed)."""
     local = num_experts // ep
     experts = [n for n in state.tensors if EXPERTS in n]
     for rank in range(ep):
@@ -141,5 +153,6 @@ def _expert_views(out: Path, state: ZeroState, num_experts: int, ep: int) -> Non
             if expert_id(name) // local != rank:
                 continue
             mine = expert_name(name, -rank * local)
+            mine = pipeline_name(mine, layers) if layers else mine
             target = Path("..", "..", EXPERT_DIR, name)
             (view / "zero" / mine).symlink_to(target, target_is_directory=True)

@@ -8,7 +8,8 @@ module reads every partition through the map DeepSpeed stores beside it (`param_
 name -> offset and length in that rank's flat partition) and gives each parameter its whole
 model name (`blocks.2.attn.qkv.weight`, global expert ids), merged over TP with the family's
 split plan. `ckpt consolidate` takes the fp32 masters from it; resharding across `pp` and `ep`
-(`layout_convert`) takes everything.
+(`layout_convert`) takes everything. Buffers (the router's `score_bias`) are in no partition:
+`read_buffers` takes them from the model-states files.
 
 Rank numbering, as DeepSpeed writes it: `MM` is the rank in the pipeline's model group
 (stage * tp + tp rank; the TP rank without pipelines); `D` the data-parallel rank, whose
@@ -122,8 +123,11 @@ def read_zero_state(
     for model_rank, dp_rank, path in files:  # DP ranks ascending within each model rank
         saved = load(path, allow_pickle)["optimizer_state_dict"]
         base = saved["base_optimizer_state"]
-        if step is None:
+        if len(base["param_groups"]) > len(groups):
+            # A stage without MoE blocks lacks the expert group(s) DeepSpeed appends after the
+            # dense ones: the full list is the longest, and every stage's is a prefix of it.
             groups = base["param_groups"]
+        if step is None:
             step = base["state"][0].get("step") if base["state"] else None
             sharded = ("base_optimizer_state", "param_slice_mappings")
             sharded += ("single_partition_of_fp32_groups",)
@@ -143,6 +147,35 @@ def read_zero_state(
     return _merge(
         folder, manifest, tp, recorded, pieces, shapes, states, step, groups, optimizer_globals
     )
+
+
+def read_buffers(
+    folder: Path, manifest: Manifest, allow_pickle: bool = False
+) -> dict[str, torch.Tensor]:
+    """The model's persistent buffers (the router's `score_bias`) by whole-model name: no
+    optimizer partition holds them, DeepSpeed keeps them in the module state of each stage's
+    model-states file (`buffer_names`). Each must be one the split plan names replicated; TP
+    rank 0's copy is taken."""
+    layout = manifest.data["layout"]
+    tp, pp = int(layout["tp"]), int(layout.get("pp", 1))
+    cfg = saved_model_config(manifest.data.get("config") or {})
+    layers = pipeline_layer_names(cfg) if pp > 1 else None
+    plan = saved_split_plan(manifest.data)
+    buffers: dict[str, torch.Tensor] = {}
+    for stage in range(pp):  # model rank stage * tp + tp rank
+        path = folder / f"mp_rank_{stage * tp:02d}_model_states.pt"
+        if not path.is_file():
+            raise ScaletrainError(f"{path} is missing")
+        state = load(path, allow_pickle)
+        module = state.get("module") or {}
+        for name in state.get("buffer_names") or []:
+            whole = whole_name(name, layers) if layers else name
+            if plan.split_of(whole) is not Split.REPLICATED:
+                raise ScaletrainError(f"{path}: buffer {whole} is split over TP; cannot merge it")
+            if name not in module:
+                raise ScaletrainError(f"{path}: buffer {name} is not in its module state")
+            buffers[whole] = module[name]
+    return buffers
 
 
 def _merge(

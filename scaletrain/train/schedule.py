@@ -36,8 +36,10 @@ def reapply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, optim: OptimC
 
     DeepSpeed restores the optimizer's rates and the scheduler's base rates as saved, so a
     changed schedule (train.steps, optim.lr, ...) would start from the old one. Computed as
-    LambdaLR computes it, so an unchanged schedule keeps every bit."""
-    scheduler.base_lrs = [optim.lr for _ in scheduler.base_lrs]
+    LambdaLR computes it, so an unchanged schedule keeps every bit. One rate per group of this
+    rank's optimizer: a resharded pipeline restores the scheduler of stage 0, whose MoE blocks
+    may give it more groups than a stage without them has."""
+    scheduler.base_lrs = [optim.lr for _ in scheduler.optimizer.param_groups]
     rates = [
         base * rule(scheduler.last_epoch)
         for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)

@@ -6,7 +6,8 @@
 The weights written are those of the second (latest) checkpoint, taken from the running
 engine: ZeRO-3 partitions gathered with `GatheredParameters`, TP slices all-gathered over the
 TP group and merged by megatron-core's split rule, pipeline stages and expert-parallel ranks
-gathered under the whole model's names (global expert ids). A test compares them with what
+gathered under the whole model's names (global expert ids); persistent buffers (the router's
+`score_bias`) too. A test compares them with what
 `scaletrain ckpt consolidate` makes of the checkpoint on disk.
 """
 
@@ -46,6 +47,10 @@ def live_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
             merged = merge_tp_slices(parts, param.partition_dim, param.partition_stride, name)
             tensor = merged.to(tensor.dtype)
         full[name] = tensor.contiguous()
+    # The persistent buffers (the router's score_bias): replicated, in the checkpoint too.
+    module = trainer.engine.module
+    persistent = set(module.state_dict(keep_vars=True))
+    full.update({n: b.detach().clone() for n, b in module.named_buffers() if n in persistent})
     return _whole_model(trainer, full)
 
 

@@ -23,8 +23,12 @@ from scaletrain.checkpoint.zero_state import expert_name, pipeline_name, whole_n
 from scaletrain.errors import ScaletrainError
 from scaletrain.hf.export import export_hf
 from tests.distributed import REPO, TINY, assert_losses_close, read_metrics, run_cli, torchrun
+from tests.trainer_script import LIFT_CPU_FP16_GATE
 
 COMMON = ("train.steps=6", "train.eval_interval=0", "parallel.zero_stage=1")
+# Block 0 MoE, block 1 dense: pipeline stage 1 has no expert optimizer group. The router bias
+# on: a buffer, which the universal loader (parameters only) does not restore.
+MOE_PP = ("model.moe_layer_freq=2", "model.moe_router_bias_update_rate=0.01")
 CHAINS = {  # name: (model, (ranks, saved layout), (ranks, resumed layout))
     "tp2pp2->tp1pp1->tp1pp2": (
         "tiny",
@@ -33,6 +37,12 @@ CHAINS = {  # name: (model, (ranks, saved layout), (ranks, resumed layout))
         (2, ("parallel.pp=2",)),
     ),
     "ep2->ep1->ep2": ("tiny-moe", (2, ("parallel.ep=2",)), (2, ()), (2, ("parallel.ep=2",))),
+    "moe-pp2->ep2->pp2": (  # MoE x pipeline
+        "tiny-moe",
+        (2, ("parallel.pp=2", *MOE_PP)),
+        (2, ("parallel.ep=2", *MOE_PP)),
+        (2, ("parallel.pp=2", *MOE_PP)),
+    ),
 }
 
 
@@ -78,6 +88,16 @@ def test_resume_across_pipeline_and_expert_layouts(
     assert all(end is not None for end in ends)
     assert ends[0].data["consumed_samples"] == ends[1].data["consumed_samples"] == 6 * 8
     assert ends[0].data["sampler"] == ends[1].data["sampler"]
+    # The router bias each step routed with (None without one): the saved one, bit for bit.
+    assert [m.get("moe_router_bias") for m in got] == [m.get("moe_router_bias") for m in want[3:]]
+    if "moe_router_bias" in want[0]:  # consolidate carries the bias the live run routed with
+        assert want[3]["moe_router_bias"] != [[0.0] * 4]
+        out = tmp_path / "whole.safetensors"
+        done = run_cli("ckpt", "consolidate", str(whole / "checkpoints" / tag_for(3)), str(out))
+        assert done.returncode == 0, done.stderr[-3000:]
+        merged = load_file(out)
+        biases = [merged[n].tolist() for n in sorted(merged) if n.endswith(".gate.score_bias")]
+        assert biases == want[3]["moe_router_bias"]
 
     second = tmp_path / "second"
     _start_from(first / "checkpoints" / tag_for(4), second)
@@ -85,21 +105,39 @@ def test_resume_across_pipeline_and_expert_layouts(
     got = read_metrics(second)
     assert [m["step"] for m in got] == [5, 6]
     assert_losses_close(got, want[4:], rel=1e-5)
+    assert [m.get("moe_router_bias") for m in got] == [m.get("moe_router_bias") for m in want[4:]]
 
 
 # ---- consolidation and export of bf16 pipeline / MoE checkpoints --------------------------
+ZERO1_BIAS = ("parallel.zero_stage=1", "model.moe_router_bias_update_rate=0.01")
 BF16 = {  # name: (model, ranks, overrides)
     "pp2-bf16": ("tiny", 2, ("parallel.pp=2", "parallel.zero_stage=1")),
-    "moe-ep2-bf16": ("tiny-moe", 2, ("parallel.ep=2", "parallel.zero_stage=1")),
+    # MoE x pipeline x experts, the router bias on (a buffer, fp32 in a bf16 model)
+    "moe-pp2ep2-bf16": ("tiny-moe", 4, ("parallel.pp=2", "parallel.ep=2", *ZERO1_BIAS)),
+    # ZeRO-0: DeepSpeed's BF16_Optimizer (pipeline) / FP16_UnfusedOptimizer (MoE, fp16) files
+    "pp2-bf16-zero0": ("tiny", 2, ("parallel.pp=2", "parallel.zero_stage=0")),
+    "moe-ep2-bf16-zero0": ("tiny-moe", 2, ("parallel.ep=2", "parallel.zero_stage=0")),
+    "pp2-fp16-zero0": (
+        "tiny",
+        2,
+        ("parallel.pp=2", "parallel.zero_stage=0", "precision.dtype=fp16"),
+    ),
+    "moe-pp2-ep2-bf16-zero0": (  # dp2: BF16_Optimizer splits every group over 2 DP ranks
+        "tiny-moe",
+        4,
+        ("parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=0"),
+    ),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BF16))
 def test_bf16_pipeline_and_moe_checkpoints_consolidate_to_the_live_masters(
-    name: str, stdlib_data: Path, tmp_path: Path
+    name: str, stdlib_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, ranks, overrides = BF16[name]
+    low = torch.float16 if "precision.dtype=fp16" in overrides else torch.bfloat16
+    monkeypatch.setenv(LIFT_CPU_FP16_GATE, "1")  # fp16 on CPUs without oneDNN fp16 kernels
     run_dir, live_file = tmp_path / "run", tmp_path / "live.safetensors"
     torchrun(
         ranks,
@@ -110,7 +148,7 @@ def test_bf16_pipeline_and_moe_checkpoints_consolidate_to_the_live_masters(
         f"data.paths=[{stdlib_data}]",
         f"train.run_dir={run_dir}",
         "precision.dtype=bf16",
-        *overrides,
+        *overrides,  # may name fp16 instead
     )
     folder = run_dir / "checkpoints" / tag_for(2)
     out = tmp_path / "consolidated.safetensors"
@@ -122,14 +160,17 @@ def test_bf16_pipeline_and_moe_checkpoints_consolidate_to_the_live_masters(
     if model == "tiny-moe":  # every global expert under its own name
         experts = [n for n in merged if ".deepspeed_experts." in n]
         assert len(experts) == 2 * 4 * 2  # layers x experts x (gate_up, down)
+    bias = ZERO1_BIAS[1] in overrides  # every router's bias, the live one
+    assert sum(n.endswith(".gate.score_bias") for n in merged) == (2 if bias else 0)
     for key, want in live.items():
         got = merged[key]
-        assert got.dtype == torch.float32 and want.dtype == torch.bfloat16, key
-        assert torch.equal(got.to(want.dtype), want), key  # the bf16 weights are the masters'
+        kept = torch.float32 if key.endswith(".gate.score_bias") else low
+        assert got.dtype == torch.float32 and want.dtype == kept, key
+        assert torch.equal(got.to(want.dtype), want), key  # the bf16/fp16 weights: the masters'
     # the fp32 masters, not the bf16 copies widened
-    assert any(not torch.equal(t, t.bfloat16().float()) for t in merged.values())
+    assert any(not torch.equal(t, t.to(low).float()) for t in merged.values())
 
-    if model == "tiny-moe":  # export hf reads the same masters
+    if model == "tiny-moe" and not bias:  # export hf reads the same masters (Mixtral: no bias)
         export_hf(run_dir, tmp_path / "hf")
         hf = {}
         for path in (tmp_path / "hf").glob("*.safetensors"):
@@ -152,13 +193,19 @@ def test_pipeline_and_expert_reshards_into_zero3_are_refused_in_one_line() -> No
         "layouts resharding reads and writes ZeRO 1/2 partitions only; resume at zero_stage 1 "
         "or 2, save, then switch to ZeRO-3"
     )
-    moe = {**data, "config": {"model": {"num_experts": 4}}}
+    moe = Manifest(manifest.folder, {**data, "config": {"model": {"num_experts": 4}}})
+    check_reshardable(moe, {**layout, "pp": 1, "dp": 2, "ep": 2}, "fp32")  # MoE x pipeline
     with pytest.raises(ScaletrainError) as refused:
-        check_reshardable(Manifest(manifest.folder, moe), {**layout, "pp": 1, "dp": 2}, "fp32")
+        check_reshardable(moe, {**layout, "pp": 1, "dp": 2, "ep": 2, "zero_stage": 3}, "fp32")
+    assert "across pipeline or expert layouts resharding reads and writes ZeRO 1/2" in str(
+        refused.value
+    )
+    with pytest.raises(ScaletrainError) as refused:
+        check_reshardable(moe, {**layout, "pp": 1, "dp": 2, "zero_stage": 0}, "fp32")
     assert str(refused.value) == (
-        "resuming step_00000003 (tp1pp2dp1 zero1) at tp1dp2 zero1: resharding an MoE checkpoint "
-        "with pipeline stages (pp > 1) on either side is not supported; resume it on the saved "
-        "layout"
+        "resuming step_00000003 (tp1pp2dp1 zero1) at tp1dp2 zero0: resharding needs ZeRO stage "
+        "1, 2 or 3 on both sides (current layout has zero_stage=0); use parallel.zero_stage>=1, "
+        "or resume on the saved layout"
     )
 
 
