@@ -81,7 +81,7 @@ def write_universal(
         if EXPERTS in name:
             where = out / EXPERT_DIR / name
         else:
-            where = zero / (pipeline_name(name, layers) if layers else name)
+            where = zero / (pipeline_name(name, layers, cfg.tie_embeddings) if layers else name)
         _write_param(where, tensors, state.splits[name], state.step)
     saved_ep = int(manifest.data["layout"].get("ep", 1))
     torch.save(_optimizer_state(state, saved_ep, target["ep"]), zero / "optimizer_state.pt")

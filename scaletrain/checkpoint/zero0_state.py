@@ -32,13 +32,12 @@ import torch
 
 from scaletrain.checkpoint.manifest import Manifest
 from scaletrain.checkpoint.safe_load import CLI_OPT_IN, load
-from scaletrain.checkpoint.zero_state import EXPERTS, OPTIM_FILE, expert_name
+from scaletrain.checkpoint.zero_state import EXPERTS, OPTIM_FILE, expert_name, whole_name
 from scaletrain.errors import ScaletrainError
 from scaletrain.models.registry import pipeline_layer_names, saved_model_config, saved_split_plan
 from scaletrain.models.split_plan import check_saved_split, merge_tp_slices
 
 EXTRA_STATE = "._extra_state"
-TIED = "tied_modules."  # DeepSpeed's PipelineModule keeps a TiedLayerSpec's module here
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt")
 
@@ -64,13 +63,13 @@ def zero0_masters(
             for m in model_ranks if local else []:
                 # A stage with MoE blocks keeps its module in the model-states file instead.
                 stage = _moe_files(folder, m, local, allow_pickle)[2]
-                shapes |= {_stage_name(n, layers): shape for n, shape in stage.items()}
+                shapes |= {whole_name(n, layers): shape for n, shape in stage.items()}
             ranks.append(_bf16_partitions(folder, t, tp, ep, local, layers, shapes, allow_pickle))
         elif local:  # MoE in bf16 without pipeline, or in fp16
             masters = {}
             for m in model_ranks:
                 stage = _moe_masters(folder, m, ep, local, allow_pickle)
-                masters |= {_stage_name(n, layers) if layers else n: v for n, v in stage.items()}
+                masters |= {whole_name(n, layers) if layers else n: v for n, v in stage.items()}
             ranks.append(masters)
         else:  # a pipeline in fp16
             files = _layer_files(folder, t, layers, allow_pickle)
@@ -102,15 +101,6 @@ def _layer_files(
     return shapes
 
 
-def _stage_name(name: str, layers: list[str]) -> str:
-    """A pipeline parameter name (`3.attn.qkv.weight`, `tied_modules.embedding.weight`) as the
-    whole model's (DeepSpeed keys a tied module by its `TiedLayerSpec` key, the layer's name)."""
-    if name.startswith(TIED):
-        return name.removeprefix(TIED)
-    index, rest = name.split(".", 1)
-    return f"{layers[int(index)]}.{rest}"
-
-
 def _bf16_partitions(
     folder: Path,
     tp_rank: int,
@@ -136,7 +126,7 @@ def _bf16_partitions(
         for flat, mapping in zip(flats, saved["param_slice_mappings"], strict=True):
             for name, fragment in mapping.items():
                 part = flat.narrow(0, fragment.start, fragment.numel)
-                whole = _stage_name(name, layers)
+                whole = whole_name(name, layers)
                 if EXPERTS in whole:
                     whole = expert_name(whole, (dp_rank % ep) * local)
                 pieces[stage][whole].append(part)
@@ -278,7 +268,7 @@ def _merge_tp(
     plan = saved_split_plan(manifest.data)
     recorded = manifest.data.get("parameters") or {}
     if layers:
-        recorded = {_stage_name(n, layers): info for n, info in recorded.items()}
+        recorded = {whole_name(n, layers): info for n, info in recorded.items()}
     missing = sorted(set(recorded) - set(ranks[0]))
     if missing:
         raise ScaletrainError(f"{folder}: no fp32 masters for {missing[0]}")

@@ -36,6 +36,7 @@ from scaletrain.models.split_plan import Split, check_saved_split, merge_tp_slic
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 EXPERTS = ".deepspeed_experts."
 OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
+TIED = "tied_modules."  # where a PipelineModule keeps a TiedLayerSpec's module
 EXPERT_ID = re.compile(r"\.deepspeed_experts\.(\d+)\.")
 
 
@@ -52,13 +53,20 @@ class ZeroState:
 
 
 def whole_name(name: str, layers: list[str]) -> str:
-    """A pipeline parameter name (`<layer index>.<rest>`) as the whole model's."""
+    """A pipeline parameter name (`<layer index>.<rest>`; a tied embedding's
+    `tied_modules.embedding.<rest>`, DeepSpeed's key of a `TiedLayerSpec`) as the whole
+    model's; a name that is already one (no layer index) is returned as it is."""
+    if name.startswith(TIED):
+        return name.removeprefix(TIED)
     index, rest = name.split(".", 1)
-    return f"{layers[int(index)]}.{rest}"
+    return f"{layers[int(index)]}.{rest}" if index.isdigit() else name
 
 
-def pipeline_name(name: str, layers: list[str]) -> str:
-    """The inverse of `whole_name`: the layer whose name prefixes `name` the longest."""
+def pipeline_name(name: str, layers: list[str], tied: bool = False) -> str:
+    """The inverse of `whole_name` (`tied`: the model ties its embedding, which a pipeline
+    keeps as a tied module): the layer whose name prefixes `name` the longest."""
+    if tied and name.startswith("embedding."):
+        return TIED + name
     matches = [i for i, layer in enumerate(layers) if name.startswith(layer + ".")]
     if not matches:
         raise ScaletrainError(f"{name}: no pipeline layer holds it")
@@ -136,6 +144,8 @@ def read_zero_state(
             flat = {"fp32": saved["single_partition_of_fp32_groups"][g]}
             flat.update({k: v for k, v in base["state"].get(g, {}).items() if k != "step"})
             for name, fragment in mapping.items():
+                if name.startswith(TIED) and model_rank >= tp:
+                    continue  # the last stage's copy of a tied weight: equal to the first's
                 key = (rename(name, dp_rank), model_rank % tp)
                 for state in states:
                     if state not in flat:

@@ -29,12 +29,13 @@ COMMON = ("train.steps=6", "train.eval_interval=0", "parallel.zero_stage=1")
 # Block 0 MoE, block 1 dense: pipeline stage 1 has no expert optimizer group. The router bias
 # on: a buffer, which the universal loader (parameters only) does not restore.
 MOE_PP = ("model.moe_layer_freq=2", "model.moe_router_bias_update_rate=0.01")
+TIED = "model.tie_embeddings=true"
 CHAINS = {  # name: (model, (ranks, saved layout), (ranks, resumed layout))
-    "tp2pp2->tp1pp1->tp1pp2": (
+    "tp2pp2->tp1pp1->tp1pp2": (  # tied embeddings: a pipeline keeps them as a tied module
         "tiny",
-        (4, ("parallel.tp=2", "parallel.pp=2")),
-        (1, ()),
-        (2, ("parallel.pp=2",)),
+        (4, ("parallel.tp=2", "parallel.pp=2", TIED)),
+        (1, (TIED,)),
+        (2, ("parallel.pp=2", TIED)),
     ),
     "ep2->ep1->ep2": ("tiny-moe", (2, ("parallel.ep=2",)), (2, ()), (2, ("parallel.ep=2",))),
     "moe-pp2->ep2->pp2": (  # MoE x pipeline
@@ -111,7 +112,7 @@ def test_resume_across_pipeline_and_expert_layouts(
 # ---- consolidation and export of bf16 pipeline / MoE checkpoints --------------------------
 ZERO1_BIAS = ("parallel.zero_stage=1", "model.moe_router_bias_update_rate=0.01")
 BF16 = {  # name: (model, ranks, overrides)
-    "pp2-bf16": ("tiny", 2, ("parallel.pp=2", "parallel.zero_stage=1")),
+    "pp2-bf16-tied": ("tiny", 2, ("parallel.pp=2", "parallel.zero_stage=1", TIED)),
     # MoE x pipeline x experts, the router bias on (a buffer, fp32 in a bf16 model)
     "moe-pp2ep2-bf16": ("tiny-moe", 4, ("parallel.pp=2", "parallel.ep=2", *ZERO1_BIAS)),
     # ZeRO-0: DeepSpeed's BF16_Optimizer (pipeline) / FP16_UnfusedOptimizer (MoE, fp16) files
@@ -219,6 +220,9 @@ def test_pipeline_and_expert_names_map_both_ways() -> None:
     ]:
         assert pipeline_name(whole, layers) == piped
         assert whole_name(piped, layers) == whole
+    # a tied embedding is a pipeline's tied module (both end stages hold it)
+    assert pipeline_name("embedding.weight", layers, tied=True) == "tied_modules.embedding.weight"
+    assert whole_name("tied_modules.embedding.weight", layers) == "embedding.weight"
     local = "blocks.0.mlp.moe.deepspeed_moe.experts.deepspeed_experts.1.down.weight"
     assert expert_name(local, 2) == local.replace("experts.1.", "experts.3.")
     assert expert_name(expert_name(local, 2), -2) == local
