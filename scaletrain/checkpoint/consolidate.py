@@ -153,10 +153,15 @@ def consolidated_weights(
         else:
             split = plan.split_of(name)
         tensors[name] = merge_tp_slices(slices, split.tp_dim, split.tp_stride, name)
-    leftover = sorted({n for w in ranks for n in w if not n.endswith(EXTRA_STATE)})
+    buffers: dict[str, torch.Tensor] = {}
+    if pipelined or moe:  # the router's score_bias: a buffer, in no parameter list
+        with weights_only_loading(allow_pickle):
+            buffers = read_buffers(folder, manifest, allow_pickle)
+        buffers = {n: t.float() for n, t in buffers.items()}
+    leftover = {n for w in ranks for n in w if not n.endswith(EXTRA_STATE)} - set(buffers)
     if leftover:
-        log.warning("not parameters, left out: %s", ", ".join(leftover))
-    return manifest, tensors
+        log.warning("not parameters, left out: %s", ", ".join(sorted(leftover)))
+    return manifest, tensors | buffers
 
 
 def _write(
