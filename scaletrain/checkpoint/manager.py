@@ -31,6 +31,7 @@ from scaletrain.checkpoint.convert import (
     describe_layout,
     ensure_universal,
     repair_optimizer,
+    restore_buffers,
     same_layout,
 )
 from scaletrain.checkpoint.layout_convert import view_of
@@ -57,11 +58,11 @@ from scaletrain.checkpoint.safe_load import check_folder, weights_only_loading
 from scaletrain.checkpoint.safe_load import load as load_file
 from scaletrain.checkpoint.space import agree_on_failure, space_warning
 from scaletrain.checkpoint.state import TrainState, rng_state, set_rng_state
-from scaletrain.config.lora import lora_enabled
+from scaletrain.config.lora import lora_base, lora_enabled
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError, ScaletrainError
 from scaletrain.logs import get_logger
-from scaletrain.models.lora_plan import is_lora_name
+from scaletrain.models.lora_plan import trains_with_lora
 from scaletrain.topology.init import Topology
 
 log = get_logger(__name__)
@@ -84,6 +85,7 @@ class CheckpointManager:
         """The background writer of `checkpoint.async_save` (None: saves are synchronous)."""
         self.lora = lora_enabled(config)
         """LoRA runs save (and load) the trainable adapters only, not the frozen base."""
+        self.lora_base = lora_base(config)  # for the manifests; a checkpoint's: set by Trainer
         self.identity: dict[str, Any] | None = None
         """What a resume compares (compat.run_identity), recorded in every manifest."""
 
@@ -130,8 +132,8 @@ class CheckpointManager:
             except Exception as err:
                 failure = err
         parameters = gathered_parameter_layout(engine.module, self.topology)
-        if self.lora:  # what the files hold: the adapters (the base is in lora_base)
-            parameters = {n: info for n, info in parameters.items() if is_lora_name(n)}
+        if self.lora:  # what the files hold: the adapters (+ score; the base is in lora_base)
+            parameters = {n: info for n, info in parameters.items() if trains_with_lora(n)}
         if snapshot is None or self.writer is None:
             final = self._publish(staging, state, parameters, start, failure)
         else:
@@ -172,6 +174,7 @@ class CheckpointManager:
         if is_main:
             data = manifest_data(state, self.config, self.layout(), self.identity, files)
             data["parameters"] = parameters
+            data["lora_base"] = self.lora_base
             manifest = Manifest(staging, data)
             try:
                 manifest.write()
@@ -317,6 +320,8 @@ class CheckpointManager:
         if manifest is None or same_layout(manifest.data["layout"], self.layout()):
             return False
         saved = describe_layout(manifest.data["layout"])
+        if self.lora and self.config.checkpoint.load_weights_only:
+            return False  # a LoRA base: consolidated from any layout, DeepSpeed reads none of it
         if self.lora:
             raise ScaletrainError(
                 f"finetune.lora_rank: {folder} is {saved}; a LoRA checkpoint resumes on the "
@@ -350,6 +355,9 @@ class CheckpointManager:
         manifest = Manifest.read(folder)
         assert manifest is not None  # select() verified it
         weights_only = self.config.checkpoint.load_weights_only and not full
+        if weights_only and self.lora:  # build_run_model loaded it as the frozen base
+            log.info("LoRA over the weights of %s (new adapters, step 0)", folder)
+            return None
         layout_kept = same_layout(manifest.data["layout"], self.layout())
         source = checked = folder
         if self.load_universal:  # a resharded run loads (and rolls back) through universal copies
@@ -380,6 +388,7 @@ class CheckpointManager:
             )
         if self.load_universal:
             repair_optimizer(engine, source, self._allow_pickle)
+            restore_buffers(engine, source, self._allow_pickle)
         if weights_only:
             log.info("loaded the weights of %s (fresh optimizer, step 0)", folder)
             return None

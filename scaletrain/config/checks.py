@@ -298,7 +298,8 @@ def _check_batch(config: Config, dims: ParallelDims) -> tuple[int, int, int]:
 
 
 def _check_classify(config: Config, dims: ParallelDims) -> None:
-    """train.task: classify runs whole models on one labelled data set, without LoRA."""
+    """train.task: classify reads one labelled data set, without pipeline stages (LoRA is
+    fine: the adapters train and so does the new score head, docs/finetuning.md#lora)."""
     if config.train.task != "classify":
         return
     if dims.pp > 1:
@@ -312,11 +313,6 @@ def _check_classify(config: Config, dims: ParallelDims) -> None:
             "data.paths",
             f"has {len(config.data.paths)} data sets; train.task: classify reads one (its "
             "labels name the head's outputs)",
-        )
-    if config.finetune.lora_rank:
-        raise ConfigError(
-            "finetune.lora_rank",
-            "LoRA is not supported with train.task: classify; set finetune.lora_rank=0",
         )
 
 

@@ -58,19 +58,13 @@ def check_lora(config: Config) -> None:
             f"({config.model.moe_router_bias_update_rate:g}) moves the routers' biases, a part "
             "of the frozen base, while LoRA trains; set it to 0 for LoRA",
         )
-    if config.checkpoint.load_weights_only:
-        raise ConfigError(
-            "finetune.lora_rank",
-            f"({f.lora_rank}) with checkpoint.load_weights_only: a base taken from a scaletrain "
-            "checkpoint is not supported yet; export it (`scaletrain export hf`) and set "
-            "model.init_from=hf:<folder>",
-        )
 
 
 def lora_base(config: Config) -> dict[str, Any] | None:
     """Where a LoRA run's frozen base weights come from, as its checkpoints record it (they hold
     the adapters only): the model.init_from folder, or else the model's own initialisation
-    from train.seed (which every resume rebuilds). None without LoRA."""
+    from train.seed (which every resume rebuilds). None without LoRA. A base taken from a
+    scaletrain checkpoint is named by checkpoint/lora_base.py instead."""
     if not lora_enabled(config):
         return None
     if not config.model.init_from:
@@ -86,6 +80,8 @@ def check_lora_resume(manifest: dict[str, Any], config: Config) -> None:
     saved = (manifest.get("config") or {}).get("finetune") or {}
     if not saved.get("lora_rank") and not lora_enabled(config):
         return
+    if not saved.get("lora_rank") and config.checkpoint.load_weights_only:
+        return  # a full checkpoint's weights as the base of new adapters
     now = config.finetune
     pairs = [("lora_rank", saved.get("lora_rank", 0), now.lora_rank)]
     if saved.get("lora_rank") and lora_enabled(config):  # both LoRA: the same adapters?

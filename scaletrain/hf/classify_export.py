@@ -36,6 +36,25 @@ class ClassifierExport:
             "pad_token_id": self.pad_id,
         }
 
+    def peft_readme(self, base: Path, adapter: Path) -> str:
+        """README.md of a LoRA classifier's peft folder: its base is the language model
+        folder, loaded as a classifier with this head's config (the score's values come with
+        the adapter), so no copy of the base is written."""
+        head = repr(self.hf_config())
+        return (
+            "# A scaletrain LoRA adapter for sequence classification\n\n"
+            f"LoRA adapters and the trained `score` head over the language model `{base}`, "
+            "loaded as a sequence classifier with this head's labels and pad id:\n\n"
+            "```python\n"
+            "from peft import PeftModel\n"
+            "from transformers import AutoModelForSequenceClassification\n\n"
+            "base = AutoModelForSequenceClassification.from_pretrained(\n"
+            f"    {str(base)!r}, **{head}\n"
+            ")\n"
+            f"model = PeftModel.from_pretrained(base, {str(adapter)!r})\n"
+            "```\n"
+        )
+
 
 def classifier_export(
     config: dict[str, Any], weights: dict[str, torch.Tensor], where: str

@@ -90,12 +90,13 @@ def export_hf(
     cfg = replace(cfg, vocab_size=_real_vocab(cfg, manifest_cfg, tok_dir))
     manifest, weights = consolidated_weights(checkpoint)
     weights, finetune, base = lora_export_weights(checkpoint, manifest.data, cfg, weights, lora)
-    if finetune is not None and base is not None and lora == "adapter":
-        count = write_peft_adapter(weights, cfg, finetune, base, out)
-        return Exported(out, checkpoint, "a peft LoRA adapter", count)
     head = None
     if is_classifier(manifest_cfg):
         head = classifier_export(manifest_cfg, weights, str(checkpoint))
+    if finetune is not None and base is not None and lora == "adapter":
+        count = write_peft_adapter(weights, cfg, finetune, base, out, head)
+        kind = " for sequence classification (load it as its README.md says)" if head else ""
+        return Exported(out, checkpoint, f"a peft LoRA adapter{kind}", count)
     count = write_hf_folder(weights, cfg, out, dtype, tok_dir, classifier=head)
     architecture = head.architecture(family.hf_architecture) if head else family.hf_architecture
     return Exported(out, checkpoint, architecture, count)

@@ -127,6 +127,23 @@ def load_hf_weights(
 ) -> None:
     """Overwrite every parameter of `model` (whole or a pipeline stage, this TP rank's and EP
     rank's slices) with the HF folder's weights."""
+    assert cfg.init_from is not None
+    folder = hf_folder(cfg.init_from)
+    full = full_weights(read_hf_weights(folder), cfg, padded_vocab_size, str(folder))
+    load_full_weights(model, full, cfg, tp, ep, str(folder))
+
+
+def load_full_weights(
+    model: nn.Module,
+    full: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    tp: TensorParallel,
+    ep: ExpertParallel,
+    where: str,
+) -> None:
+    """Overwrite every base parameter of `model` with its slice (this TP and EP rank's, this
+    pipeline stage's) of `full`, whole tensors by whole-model name: an HF folder's, or a
+    scaletrain checkpoint's consolidated ones (a LoRA base, checkpoint/lora_base.py)."""
     import torch
     import torch.distributed as dist
 
@@ -134,9 +151,6 @@ def load_hf_weights(
     from scaletrain.models.registry import family_of, pipeline_layer_names
     from scaletrain.models.split_plan import split_tp
 
-    assert cfg.init_from is not None
-    folder = hf_folder(cfg.init_from)
-    full = full_weights(read_hf_weights(folder), cfg, padded_vocab_size, str(folder))
     plan = family_of(cfg).split_plan(cfg)
     tp_rank = dist.get_rank(group=tp.group) if tp.size > 1 else 0
     layers = pipeline_layer_names(cfg)
@@ -148,12 +162,14 @@ def load_hf_weights(
                 continue
             whole = _whole_name(name, layers)
             whole = _global_expert(whole, ep.rank * local_experts)
+            if whole not in full:
+                raise ScaletrainError(f"{where}: no weight {whole} for this model")
             split = plan.split_of(whole)
             piece = split_tp(full[whole], tp.size, tp_rank, split.tp_dim, split.tp_stride)
             with _whole(param):
                 if piece.shape != param.shape:
                     raise ScaletrainError(
-                        f"{folder}: {whole} is {list(piece.shape)} on this rank, the model "
+                        f"{where}: {whole} is {list(piece.shape)} on this rank, the model "
                         f"holds {list(param.shape)}"
                     )
                 param.copy_(piece)

@@ -1,30 +1,39 @@
 """`scaletrain export hf --merge-lora | --lora-adapter`: a LoRA checkpoint out to Hugging Face.
 
 A LoRA checkpoint holds the adapters only; its manifest's `lora_base` names the frozen base
-(the model.init_from folder). `--merge-lora` folds alpha / r * B A into the base weights and
-writes a plain model folder; `--lora-adapter` writes what `peft.PeftModel.from_pretrained`
-loads over that base: adapter_config.json and adapter_model.safetensors under peft's names.
+(the model.init_from folder, or a scaletrain checkpoint: its consolidated weights; peft loads the
+adapter over that checkpoint exported with `export hf`). `--merge-lora` folds alpha / r * B A
+into the base weights and writes a plain model folder; `--lora-adapter` writes what
+`peft.PeftModel.from_pretrained` loads over that base: adapter_config.json and
+adapter_model.safetensors under peft's names.
 Our fused layers carry one adapter each; peft has one per HF projection, so a fused qkv
 adapter becomes q/k/v adapters that share A and take their rows of B (gate|up alike), cut by
-the family's split plan: the same function that cuts the base weights.
+the family's split plan: the same function that cuts the base weights. A classifier's (train.task:
+classify) base is the language model without its head; its score head trains in full and is
+merged as is, or saved in the adapter file as peft saves `modules_to_save=["score"]`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import ScaletrainError
 from scaletrain.hf.staging import staged_folder
+from scaletrain.models.classify_plan import SCORE_WEIGHT, decoder_only, is_classifier
 from scaletrain.models.lora_plan import is_lora_name, lora_weights
 from scaletrain.models.registry import family_of
 from scaletrain.models.split_plan import to_hf
 
+if TYPE_CHECKING:
+    from scaletrain.hf.classify_export import ClassifierExport
+
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+README = "README.md"
 PEFT_PREFIX = "base_model.model."  # how peft names a causal LM's modules in its files
 
 
@@ -82,11 +91,14 @@ def _match(weight, name: str) -> dict[str, int] | None:
     return None if found is None else {k: int(v) for k, v in found.groupdict().items()}
 
 
-def peft_config(finetune: dict[str, Any], modules: list[str], base: Path) -> dict[str, Any]:
-    """adapter_config.json: a plain LoRA adapter (no bias, no rsLoRA) of a causal LM."""
+def peft_config(
+    finetune: dict[str, Any], modules: list[str], base: Path, classifier: bool = False
+) -> dict[str, Any]:
+    """adapter_config.json: a plain LoRA adapter (no bias, no rsLoRA) of a causal LM, or of a
+    sequence classifier whose score head is saved whole (peft's modules_to_save)."""
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM",
         "base_model_name_or_path": str(base),
         "r": int(finetune["lora_rank"]),
         "lora_alpha": float(finetune["lora_alpha"]),
@@ -98,7 +110,7 @@ def peft_config(finetune: dict[str, Any], modules: list[str], base: Path) -> dic
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": [SCORE_WEIGHT.removesuffix(".weight")] if classifier else None,
     }
 
 
@@ -108,19 +120,27 @@ def write_peft_adapter(
     finetune: dict[str, Any],
     base: Path,
     out: Path,
+    classifier: ClassifierExport | None = None,
 ) -> int:
     """Write the adapters of `weights` as a peft folder at `out` (replacing it, renamed into
-    place when complete); returns the number of adapter parameters written."""
+    place when complete); returns the number of parameters written. A classifier's trained
+    score goes with them (peft's name for a module to save) and a README.md says how to load
+    the base with that head (`ClassifierExport.peft_readme`)."""
     from safetensors.torch import save_file
 
     adapters = {k: v for k, v in weights.items() if is_lora_name(k)}
     state = peft_state_dict(adapters, cfg, list(finetune["lora_targets"]))
     modules = sorted({k.split(".")[-3] for k in state})
+    if classifier is not None:
+        adapters[SCORE_WEIGHT] = weights[SCORE_WEIGHT]
+        state[PEFT_PREFIX + SCORE_WEIGHT] = weights[SCORE_WEIGHT].contiguous()
     with staged_folder(out) as partial:
         partial.mkdir()
         save_file(state, partial / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        config = peft_config(finetune, modules, base)
+        config = peft_config(finetune, modules, base, classifier is not None)
         (partial / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if classifier is not None:
+            (partial / README).write_text(classifier.peft_readme(base, out.resolve()))
     return sum(t.numel() for t in adapters.values())
 
 
@@ -144,8 +164,16 @@ def lora_export_weights(
             f"export: {checkpoint} holds LoRA adapters only; pass --merge-lora (the base with "
             "the adapters folded in) or --lora-adapter (a peft adapter folder)"
         )
-    base = base_folder(manifest.get("lora_base"), checkpoint)
-    weights = with_base(adapters, base, cfg)
+    from scaletrain.checkpoint.lora_base import base_checkpoint, base_weights
+
+    base = base_checkpoint(manifest.get("lora_base"), checkpoint)  # a scaletrain checkpoint's
+    if base is not None:  # the weights it was saved with (padded vocabulary, our names)
+        weights = {**base_weights(base), **adapters}
+    else:
+        base = base_folder(manifest.get("lora_base"), checkpoint)
+        weights = with_base(adapters, base, cfg)
+    if is_classifier(manifest.get("config") or {}):  # its base is a language model's
+        weights = decoder_only(weights)
     if mode == "merge":
         from scaletrain.models.lora_plan import merge_adapters
 

@@ -23,6 +23,11 @@ def is_classifier(config: dict[str, Any]) -> bool:
     return (config.get("train") or {}).get("task") == TASK
 
 
+def decoder_only(weights: dict[str, Any]) -> dict[str, Any]:
+    """A language model's weights without the vocabulary head: a LoRA classifier's base."""
+    return {name: tensor for name, tensor in weights.items() if name != _LM_HEAD}
+
+
 def with_score(plan: SplitPlan) -> SplitPlan:
     """`plan` without the vocabulary head and with the score weight."""
     kept = tuple(w for w in plan.weights if w.name != _LM_HEAD)

@@ -33,7 +33,7 @@ from torch import nn
 
 from scaletrain.config.lora import LORA_TARGETS
 from scaletrain.config.schema import FinetuneConfig
-from scaletrain.models.lora_plan import is_lora_name
+from scaletrain.models.lora_plan import trains_with_lora
 from scaletrain.models.parallel import seeded_rng
 from scaletrain.models.split_plan import split_tp
 
@@ -126,12 +126,13 @@ class LoraRowParallelLinear(RowParallelLinear):
 
 
 def freeze_base(model: nn.Module) -> tuple[int, int]:
-    """Only the adapters train: every other parameter stops taking gradients (and so gets no
-    optimizer state, see engine.deepspeed.param_groups). Returns (trainable, frozen) counts of
-    whole parameters (ZeRO-3's `ds_numel`: its partitioned ones hold an empty placeholder)."""
+    """Only the adapters (and a classifier's score head) train: every other parameter stops
+    taking gradients (and so gets no optimizer state, see engine.deepspeed.param_groups).
+    Returns (trainable, frozen) counts of whole parameters (ZeRO-3's `ds_numel`: its
+    partitioned ones hold an empty placeholder)."""
     trainable = frozen = 0
     for name, param in model.named_parameters():
-        param.requires_grad_(is_lora_name(name))
+        param.requires_grad_(trains_with_lora(name))
         count = getattr(param, "ds_numel", param.numel())
         if param.requires_grad:
             trainable += count

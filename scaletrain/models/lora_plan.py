@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from scaletrain.models.classify_plan import SCORE_WEIGHT
 from scaletrain.models.split_plan import Split, SplitPlan, Weight
 
 LORA_A, LORA_B = "lora_A", "lora_B"
@@ -28,6 +29,12 @@ TARGET_WEIGHTS = {
 
 def is_lora_name(name: str) -> bool:
     return name.endswith((f".{LORA_A}", f".{LORA_B}"))
+
+
+def trains_with_lora(name: str) -> bool:
+    """What a LoRA run trains and checkpoints: the adapters, and a classifier's new `score`
+    head in full (peft's `modules_to_save=["score"]`: it has no pretrained weights to adapt)."""
+    return is_lora_name(name) or name == SCORE_WEIGHT
 
 
 def adapter_name(base: str, which: str) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from scaletrain.checkpoint.compat import check_resume, schedule_note
+from scaletrain.checkpoint.lora_base import run_lora_base
 from scaletrain.checkpoint.manifest import Manifest
 from scaletrain.checkpoint.state import TrainState
 from scaletrain.config.lora import check_lora_resume
@@ -31,6 +32,12 @@ def resume_step(folder: Path | None, config: Config, identity: dict, is_main: bo
     if note and is_main:
         log.warning("%s", note)
     return 0 if config.checkpoint.load_weights_only else manifest.step
+
+
+def lora_base_of_run(folder: Path | None, config: Config) -> dict[str, Any] | None:
+    """Where this run's LoRA base is, for its manifests (checkpoint/lora_base.py): a base
+    checkpoint that is missing or changed since the LoRA run started is refused in one line."""
+    return run_lora_base(config, Manifest.read(folder) if folder else None)
 
 
 def train_state(

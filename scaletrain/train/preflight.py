@@ -20,6 +20,7 @@ from scaletrain.checkpoint.compat import (
     run_identity,
     schedule_note,
 )
+from scaletrain.checkpoint.lora_base import run_lora_base
 from scaletrain.checkpoint.manifest import Manifest, not_a_checkpoint
 from scaletrain.config.checks import Resolved, check_config
 from scaletrain.config.schema import Config
@@ -129,6 +130,7 @@ def check_resume_compat(config: Config, resolved: Resolved) -> str | None:
         return None
     current = run_identity(config, resolved, data_identities(config.data.paths))
     check_resume(manifest, config, current)
+    run_lora_base(config, manifest)  # a LoRA base checkpoint missing or changed: one line
     return schedule_note(manifest, config)
 
 

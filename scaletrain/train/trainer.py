@@ -35,7 +35,7 @@ from scaletrain.topology.init import Topology, env_world_size, init_topology, se
 from scaletrain.train import callbacks as cb
 from scaletrain.train.build import build_run_model, count_params
 from scaletrain.train.classify import classify_dataset, evaluate_classifier
-from scaletrain.train.loop_state import resume_step, train_state
+from scaletrain.train.loop_state import lora_base_of_run, resume_step, train_state
 from scaletrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes
 from scaletrain.train.preflight import Checked, preflight
 from scaletrain.train.run_dir import locked_folders, own_run_dir
@@ -91,6 +91,7 @@ class Trainer:
         self.resume_from = self.checkpoints.select()
         identity = self.checkpoints.identity or {}
         start_step = resume_step(self.resume_from, config, identity, topology.is_main)
+        self.checkpoints.lora_base = lora_base_of_run(self.resume_from, config)
         universal = self.checkpoints.prepare_reshard(self.resume_from)
         if topology.is_main:  # only now: a refused resume leaves the run's config as it was
             text = dump_yaml(config)
@@ -99,7 +100,9 @@ class Trainer:
         seed_everything(config.train.seed)
         self.pipelined = resolved.dims.pp > 1
         with model_init_context(config, resolved, topology):
-            model = build_run_model(config, resolved, topology, self.resume_from)
+            model = build_run_model(
+                config, resolved, topology, self.resume_from, self.checkpoints.lora_base
+            )
         self.engine, self.own_clipping = initialize_engine(
             model, config, resolved, topology, universal
         )
