@@ -119,6 +119,6 @@ def load_checkpoint_base(
     layers = pipeline_layer_names(config.model)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
-            whole = whole_name(name, layers) if name.split(".", 1)[0].isdigit() else name
+            whole = whole_name(name, layers)
             if whole in full and full[whole].shape == buffer.shape:
                 buffer.copy_(full[whole])

@@ -147,7 +147,8 @@ def load_full_weights(
     import torch
     import torch.distributed as dist
 
-    from scaletrain.models.classify_plan import SCORE_WEIGHT
+    from scaletrain.checkpoint.zero_state import expert_name, whole_name
+    from scaletrain.models.lora_plan import trains_with_lora
     from scaletrain.models.registry import family_of, pipeline_layer_names
     from scaletrain.models.split_plan import split_tp
 
@@ -158,10 +159,10 @@ def load_full_weights(
     with torch.no_grad():
         for name, param in model.named_parameters():
             # Adapters and a classifier's score start as their init made them.
-            if name.endswith((".lora_A", ".lora_B")) or name == SCORE_WEIGHT:
+            if trains_with_lora(name):
                 continue
-            whole = _whole_name(name, layers)
-            whole = _global_expert(whole, ep.rank * local_experts)
+            whole = whole_name(name, layers)
+            whole = expert_name(whole, ep.rank * local_experts)  # local -> global id
             if whole not in full:
                 raise ScaletrainError(f"{where}: no weight {whole} for this model")
             split = plan.split_of(whole)
@@ -183,21 +184,3 @@ def _whole(param: nn.Parameter) -> contextlib.AbstractContextManager[object]:
     import deepspeed
 
     return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
-
-
-def _whole_name(name: str, layers: list[str]) -> str:
-    """A parameter name of the whole model, from a whole model's or a pipeline stage's."""
-    if name.startswith("tied_modules.embedding."):
-        return "embedding." + name.removeprefix("tied_modules.embedding.")
-    head, _, rest = name.partition(".")
-    return f"{layers[int(head)]}.{rest}" if head.isdigit() else name
-
-
-def _global_expert(name: str, first: int) -> str:
-    """Local expert i of this EP rank is global expert first + i."""
-    marker = ".deepspeed_experts."
-    if marker not in name:
-        return name
-    before, after = name.split(marker)
-    local, _, rest = after.partition(".")
-    return f"{before}{marker}{first + int(local)}.{rest}"
