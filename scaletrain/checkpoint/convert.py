@@ -75,9 +75,21 @@ def same_layout(saved: dict[str, Any], current: dict[str, Any]) -> bool:
     return all(saved.get(key, 1) == current.get(key, 1) for key in LAYOUT_KEYS)
 
 
-def check_reshardable(manifest: Manifest, current: dict[str, Any], precision: str) -> None:
-    """Raise a one-line ScaletrainError if this checkpoint cannot be loaded at `current`."""
+def check_reshardable(
+    manifest: Manifest,
+    current: dict[str, Any],
+    precision: str,
+    lora: bool = False,
+    weights_only: bool = False,
+) -> None:
+    """Raise a one-line ScaletrainError if this checkpoint cannot be loaded at `current` (by a
+    LoRA run, or taking the weights only: neither goes through a universal copy)."""
     saved, name = manifest.data["layout"], manifest.folder.name
+    if lora or weights_only:
+        field = "finetune.lora_rank" if lora else "checkpoint.load_weights_only"
+        what = "a LoRA checkpoint resumes on the layout that saved it only"
+        what = what if lora else "taking only the weights on another layout is not supported"
+        raise ScaletrainError(f"{field}: {manifest.folder} is {describe_layout(saved)}; {what}")
     where = f"resuming {name} ({describe_layout(saved)}) at {describe_layout(current)}"
     if "parameters" not in manifest.data:
         raise ScaletrainError(

@@ -319,20 +319,12 @@ class CheckpointManager:
         manifest = Manifest.read(folder) if folder else None
         if manifest is None or same_layout(manifest.data["layout"], self.layout()):
             return False
-        saved = describe_layout(manifest.data["layout"])
-        if self.lora and self.config.checkpoint.load_weights_only:
+        weights_only = self.config.checkpoint.load_weights_only
+        if self.lora and weights_only:
             return False  # a LoRA base: consolidated from any layout, DeepSpeed reads none of it
-        if self.lora:
-            raise ScaletrainError(
-                f"finetune.lora_rank: {folder} is {saved}; a LoRA checkpoint resumes on the "
-                "layout that saved it only"
-            )
-        if self.config.checkpoint.load_weights_only:
-            raise ScaletrainError(
-                f"checkpoint.load_weights_only: {folder} is {saved}; taking only the weights "
-                "on another layout is not supported"
-            )
-        check_reshardable(manifest, self.layout(), self.config.precision.dtype)
+        precision = self.config.precision.dtype
+        check_reshardable(manifest, self.layout(), precision, self.lora, weights_only)
+        saved = describe_layout(manifest.data["layout"])
         if self.topology.is_main:
             log.info(
                 "resharding %s from %s to %s", folder.name, saved, describe_layout(self.layout())

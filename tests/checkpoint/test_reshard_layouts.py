@@ -194,6 +194,18 @@ def test_pipeline_and_expert_reshards_into_zero3_are_refused_in_one_line() -> No
         "layouts resharding reads and writes ZeRO 1/2 partitions only; resume at zero_stage 1 "
         "or 2, save, then switch to ZeRO-3"
     )
+    # A LoRA run and a weights-only start load no universal copy: the saved layout only.
+    for lora, field, what in [
+        (True, "finetune.lora_rank", "a LoRA checkpoint resumes on the layout that saved it only"),
+        (
+            False,
+            "checkpoint.load_weights_only",
+            "taking only the weights on another layout is not supported",
+        ),
+    ]:
+        with pytest.raises(ScaletrainError) as refused:
+            check_reshardable(manifest, {**layout, "pp": 1, "dp": 2}, "fp32", lora, not lora)
+        assert str(refused.value) == f"{field}: /ckpt/step_00000003 is tp1pp2dp1 zero1; {what}"
     moe = Manifest(manifest.folder, {**data, "config": {"model": {"num_experts": 4}}})
     check_reshardable(moe, {**layout, "pp": 1, "dp": 2, "ep": 2}, "fp32")  # MoE x pipeline
     with pytest.raises(ScaletrainError) as refused:
