@@ -112,7 +112,10 @@ def _compose_model(raw: dict[str, Any], run_file: Path | None) -> dict[str, Any]
         candidates = [*(d / name for d in here), Path(name)]
     else:  # a preset name
         candidates = [d.parent / "models" / f"{name}.yaml" for d in here]
-        candidates += [Path("configs/models") / f"{name}.yaml", MODELS_DIR / f"{name}.yaml"]
+        candidates += [Path("configs/models") / f"{name}.yaml"]
+        packaged = MODELS_DIR / f"{name}.yaml"  # an installed scaletrain's own presets
+        if packaged.resolve() != candidates[-1].resolve():  # not the clone's, seen from it
+            candidates.append(packaged)
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise ConfigError(
