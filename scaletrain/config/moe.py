@@ -58,16 +58,8 @@ def check_moe(config: Config, dims: ParallelDims) -> None:
             f"({m.moe_min_capacity}) exceeds the tokens of a micro-batch ({tokens}, "
             "micro_batch * seq_len), which DeepSpeed's top-1 gate refuses; lower it",
         )
-    if dims.tp == 1:
+    if dims.tp == 1 or not m.moe_drop_tokens:  # no-drop: the router pads slots to tp
         return
-    if not m.moe_drop_tokens:
-        raise ConfigError(
-            "model.moe_drop_tokens",
-            f"false needs parallel.tp=1: with tp ({dims.tp}) DeepSpeed splits each expert's "
-            "token slots over the TP ranks but does not round a no-drop capacity up to a "
-            "multiple of tp; set it true with moe_capacity_factor >= num_experts / moe_top_k "
-            f"({m.num_experts / m.moe_top_k:g}) to drop nothing",
-        )
     for name in ("moe_capacity_factor", "moe_eval_capacity_factor"):
         slots = expert_capacity(
             tokens, m.num_experts, getattr(m, name), m.moe_top_k, m.moe_min_capacity

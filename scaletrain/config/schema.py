@@ -73,7 +73,7 @@ class ModelConfig:
     """Lower bound of an expert's capacity, whatever the capacity factor gives."""
     moe_drop_tokens: bool = True
     """Drop tokens beyond an expert's capacity; false sizes the capacity to the busiest
-    expert so that nothing is dropped (needs parallel.tp=1, see docs/parallelism.md)."""
+    expert (rounded up to a multiple of parallel.tp) so that nothing is dropped, as HF Mixtral."""
     moe_aux_loss_coeff: float = 0.01
     """Weight of the load-balancing loss (mean over MoE layers) added to the LM loss in
     backward; the reported loss stays the LM loss."""

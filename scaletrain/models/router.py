@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import TopKGate
+from deepspeed.utils import groups
+from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 
 from scaletrain.config.schema import ModelConfig
 
@@ -90,7 +92,11 @@ class RoutingGate(TopKGate):
             ep_group=ep_group,
             top2_2nd_expert_sampling=False,
         )
-        self.own = not deepspeed_routes(cfg)
+        # Without dropping ours routes: it pads the capacity for TP (DeepSpeed's does not here).
+        self.own = not deepspeed_routes(cfg) or not cfg.moe_drop_tokens
+        # ...and then computes the aux loss as the DeepSpeed gate it stands in for: top-2's
+        # counts only each token's first choice (GShard), top-k's all k.
+        self.first_choice_aux = deepspeed_routes(cfg) and cfg.moe_top_k == 2
         self.score_function = cfg.moe_score_function
         self.normalize = cfg.moe_top_k > 1 or cfg.moe_top1_normalize
         self.bias_rate = cfg.moe_router_bias_update_rate
@@ -122,7 +128,9 @@ class RoutingGate(TopKGate):
         # The load-balancing loss of DeepSpeed's top-k gate; sigmoid scores normalised per
         # token first (DeepSeek-V3's balance loss), so 1.0 is a balanced router either way.
         probs = _renormalized(scores) if self.score_function == "sigmoid" else scores
-        l_aux = (probs.mean(0) * chosen_mask.float().mean(0)).mean() * experts * experts / self.k
+        counted = F.one_hot(chosen[:, 0], experts) if self.first_choice_aux else chosen_mask
+        share = 1 if self.first_choice_aux else self.k
+        l_aux = (probs.mean(0) * counted.float().mean(0)).mean() * experts * experts / share
         capacity = self._capacity(tokens, experts, exp_counts)
         raw = scores.detach().gather(1, chosen)  # drops rank by the unnormalised score
         kept = keep_within_capacity(chosen, raw, experts, capacity)
@@ -146,7 +154,10 @@ class RoutingGate(TopKGate):
 
     def _capacity(self, tokens: int, experts: int, exp_counts: torch.Tensor) -> int:
         """DeepSpeed's: ceil(tokens / experts * factor * k), at least min_capacity; without
-        dropping, the busiest expert's count over the EP group."""
+        dropping, the busiest expert's count over the EP group, rounded up to a multiple of the
+        TP degree: DeepSpeed's MoE layer splits every expert's slots over the TP ranks (its
+        own gates pad only when `expert_tensor_parallel_world_size` is set, which it is not
+        without expert tensor parallelism)."""
         if self.drop_tokens:
             factor = self.capacity_factor if self.training else self.eval_capacity_factor
             slots = torch.ceil(torch.tensor(tokens / experts) * torch.tensor(factor * self.k))
@@ -154,7 +165,8 @@ class RoutingGate(TopKGate):
         busiest = exp_counts.max().clone()
         if self.ep_group is not None and dist.get_world_size(group=self.ep_group) > 1:
             dist.all_reduce(busiest, op=dist.ReduceOp.MAX, group=self.ep_group)
-        return int(busiest)
+        tp = bwc_tensor_model_parallel_world_size(groups.mpu)
+        return -(-int(busiest) // tp) * tp
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:

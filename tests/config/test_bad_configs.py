@@ -418,16 +418,6 @@ CASES = [
         "micro-batch (128, micro_batch * seq_len), which DeepSpeed's top-1 gate refuses; lower it",
     ),
     case(
-        "moe_no_drop_with_tp",
-        "model.num_experts=4",
-        "model.moe_drop_tokens=false",
-        "parallel.tp=2",
-        expected="config error: model.moe_drop_tokens: false needs parallel.tp=1: with tp (2) "
-        "DeepSpeed splits each expert's token slots over the TP ranks but does not round a "
-        "no-drop capacity up to a multiple of tp; set it true with moe_capacity_factor >= "
-        "num_experts / moe_top_k (2) to drop nothing",
-    ),
-    case(
         "moe_capacity_not_split_by_tp",
         "model.num_experts=4",
         "model.moe_top_k=1",

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scaletrain.config.schema import ModelConfig
 from scaletrain.models.moe import ExpertParallel, MoEMLP, RouterStats
 from scaletrain.models.parallel import TensorParallel
 from scaletrain.models.router import deepspeed_routes, route
@@ -66,6 +67,23 @@ def test_own_gate_equals_deepspeeds_top_k_gate(tp: TensorParallel, top_k: int, f
     """Where DeepSpeed's top-k gate can route (softmax), scaletrain's own routes give the same
     output, gradients, counts and drops (factor 0.5 drops routes)."""
     cfg = with_(num_experts=8, moe_top_k=top_k, moe_capacity_factor=factor, moe_min_capacity=0)
+    stats = _assert_own_routes_as_deepspeed(cfg, tp)
+    assert (stats["moe_dropped_fraction"] > 0) == (factor < 1)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_without_dropping_own_gate_equals_deepspeeds(tp: TensorParallel, top_k: int) -> None:
+    """`moe_drop_tokens: false` always routes through scaletrain's gate (it pads the capacity
+    to a multiple of the TP degree, DeepSpeed's gates do not here): the same numbers as
+    DeepSpeed's top-1 (raw probability), top-2 and top-k gates on one rank."""
+    cfg = with_(num_experts=8, moe_top_k=top_k, moe_drop_tokens=False)
+    assert moe_mlp(cfg, tp).moe.deepspeed_moe.gate.own
+    _assert_own_routes_as_deepspeed(cfg, tp)
+
+
+def _assert_own_routes_as_deepspeed(cfg: ModelConfig, tp: TensorParallel) -> dict:
+    """Output, gradients, counts, drops and aux loss of our routes equal DeepSpeed's gate's;
+    returns our routes' statistics."""
     x = torch.randn(2, 32, 32, generator=torch.Generator().manual_seed(3), requires_grad=True)
     results = []
     for own in (False, True):
@@ -79,8 +97,8 @@ def test_own_gate_equals_deepspeeds_top_k_gate(tp: TensorParallel, top_k: int, f
     torch.testing.assert_close(grad, ds_grad, rtol=1e-6, atol=1e-7)
     assert stats["moe_expert_tokens"] == ds_stats["moe_expert_tokens"]
     assert stats["moe_dropped_fraction"] == ds_stats["moe_dropped_fraction"]
-    assert (stats["moe_dropped_fraction"] > 0) == (factor < 1)
     assert stats["moe_aux_loss"] == pytest.approx(ds_stats["moe_aux_loss"], rel=1e-6)
+    return stats
 
 
 def expert_outputs(mlp: MoEMLP, x: torch.Tensor) -> torch.Tensor:
