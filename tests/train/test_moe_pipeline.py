@@ -152,7 +152,8 @@ def assert_same_model(
     got: list[dict], want: list[dict], rel: float = FP32_REL, moved_tokens: int = 0
 ) -> None:
     """Every number within `rel`; per-expert token counts equal, or at most `moved_tokens`
-    apart (bf16: a token whose two best experts tie within bf16 rounding can take either)."""
+    apart (bf16 / fp16: a token whose two best experts tie within the rounding can take
+    either)."""
     for key in KEYS:
         assert_losses_close(got, want, rel, key=key)
     for g, w in zip(got, want, strict=True):
@@ -196,7 +197,11 @@ def test_fp16_pipeline_matches_fp16_one_rank(
     got, want = four_ranks["pp2_fp16"], references["fp16"]
     assert [m["loss_scale"] for m in got] == [m["loss_scale"] for m in want]
     assert got[0]["loss_scale"] == 2.0**16
-    assert_same_model(got, want, FP16_REL)
+    # Routing: steps 1-3 identical; then fp16 near-ties among a token's best experts move
+    # 2, 6 and 8 of a step's 1,024 routes (measured on this session's machine; an earlier one
+    # measured 0): a flipped route changes the router's gradient, so the drift grows. 16 is
+    # 1.6 % of the routes, with the losses still within FP16_REL.
+    assert_same_model(got, want, FP16_REL, moved_tokens=16)
     # The injected router gradient carries the loss scale as the LM gradient does: without
     # it, the routers would train 65536x weaker and the load-balancing loss would part from
     # fp32's (by 5e-2 in 6 steps when the router losses are off) instead of tracking it.
