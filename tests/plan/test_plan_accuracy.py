@@ -33,7 +33,11 @@ CASES = {
     "pp2z1": ["parallel.pp=2", "parallel.zero_stage=1"],
     "tp2z1-full": ["parallel.tp=2", "parallel.zero_stage=1", "model.activation_checkpointing=full"],
 }
-BOUND = 0.20  # every layout's worst rank; observed 10-13 % (docs/planning.md: accuracy)
+# Every layout's worst rank. Observed 10-13 % on an idle machine (docs/planning.md: accuracy);
+# beside other jobs the measured peak moves with when transient buffers (ZeRO-2's gradient
+# buckets, TP's communication) are freed: dp2z2 -9.4 to -21.7 %, tp2z1-full -11.4 to -27.5 %
+# (the full CI run; two CPU hogs). The bound is above what load does, not above a wrong plan.
+BOUND = 0.30
 
 
 @pytest.mark.slow
