@@ -280,9 +280,6 @@ def test_export_merged_and_adapter_give_unmerged_logits(
     capsys,
     tensor_parallel: TensorParallel,
 ) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     from scaletrain.checkpoint.consolidate import consolidated_weights
     from scaletrain.cli import main
     from scaletrain.hf.export import find_checkpoint
@@ -315,10 +312,23 @@ def test_export_merged_and_adapter_give_unmerged_logits(
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model.logits(tokens)[..., : cfg.vocab_size]
-        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(tokens).logits
-        hf_base = AutoModelForCausalLM.from_pretrained(base).eval()
-        plain = hf_base(tokens).logits
-        peft = PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()(tokens).logits
+    merged, peft, plain = exported_logits(tmp_path, base, tokens)
     assert _relative(merged, ours) < 1e-5
     assert _relative(peft, ours) < 1e-5
     assert _relative(plain, ours) > 1e-2  # the adapters do change the model
+
+
+def exported_logits(
+    folder: Path, base: Path, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """transformers' logits of `export hf`'s `folder/merged`, of `folder/adapter` loaded by peft
+    over the HF folder `base`, and of that base alone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(folder / "merged").eval()(tokens).logits
+        hf_base = AutoModelForCausalLM.from_pretrained(base).eval()
+        plain = hf_base(tokens).logits
+        peft = PeftModel.from_pretrained(hf_base, folder / "adapter").eval()(tokens).logits
+    return merged, peft, plain

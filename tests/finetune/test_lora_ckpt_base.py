@@ -22,6 +22,7 @@ from scaletrain.config.load import from_dict, load_config
 from scaletrain.errors import ScaletrainError
 from scaletrain.models.parallel import TensorParallel
 from tests.distributed import REPO, TINY, read_metrics, run_cli, torchrun
+from tests.finetune.test_lora import _relative, exported_logits
 
 LORA_TINY = REPO / "configs" / "runs" / "lora-tiny.yaml"
 STEP2 = "step_00000002"
@@ -123,17 +124,10 @@ def test_manifest_names_the_base_checkpoint(runs: dict[str, Path]) -> None:
             assert all(n.endswith((".lora_A", ".lora_B")) for n in manifest["parameters"])
 
 
-def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got - want).abs().max() / want.abs().max()).item()
-
-
 @pytest.mark.slow
 def test_exports_read_the_base_from_the_checkpoint(
     runs: dict[str, Path], tmp_path: Path, tensor_parallel: TensorParallel
 ) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     from scaletrain.checkpoint.consolidate import consolidated_weights
     from scaletrain.cli import main
 
@@ -150,10 +144,8 @@ def test_exports_read_the_base_from_the_checkpoint(
     with torch.no_grad():
         ours = ours_model.logits(tokens)[..., : cfg.vocab_size]
         plain = plain_model.logits(tokens)[..., : cfg.vocab_size]
-        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(tokens).logits
-        hf_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
-        assert _relative(hf_base(tokens).logits, plain) < 1e-5  # the exported base is ours
-        peft = PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()(tokens).logits
+    merged, peft, exported_base = exported_logits(tmp_path, tmp_path / "base", tokens)
+    assert _relative(exported_base, plain) < 1e-5  # the exported base is ours
     assert _relative(merged, ours) < 1e-5
     assert _relative(peft, ours) < 1e-5
     assert _relative(plain, ours) > 1e-3  # the adapters do change the model

@@ -25,7 +25,7 @@ from scaletrain.config.load import from_dict, load_config
 from scaletrain.errors import ScaletrainError
 from scaletrain.models.parallel import TensorParallel
 from tests.distributed import assert_losses_close, read_metrics, torchrun
-from tests.finetune.test_lora import LORA_TINY, _relative, _sha
+from tests.finetune.test_lora import LORA_TINY, _relative, _sha, exported_logits
 
 MOE = ("model.vocab_size=512", "model.num_experts=4", "finetune.lora_targets=[qkv,out]")
 RUN_SCRIPT = Path(__file__).with_name("lora_moe_run.py")
@@ -203,9 +203,6 @@ def test_checkpoint_holds_the_adapters_and_the_base_source(moe_runs: dict[str, P
 def test_export_merged_and_adapter_give_the_live_logits(
     moe_runs: dict[str, Path], tmp_path: Path, tensor_parallel: TensorParallel
 ) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     from scaletrain.cli import main
     from scaletrain.models.lora import LoraSpec
     from tests.hf.conftest import scaletrain_logits
@@ -222,11 +219,7 @@ def test_export_merged_and_adapter_give_the_live_logits(
     tp = TensorParallel(1, tensor_parallel.group, LoraSpec.of(config.finetune))
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     ours = scaletrain_logits(_live(moe_runs, "ep2"), config.model, tp, tokens)  # unmerged
-    with torch.no_grad():
-        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(tokens).logits
-        hf_base = AutoModelForCausalLM.from_pretrained(base).eval()
-        plain = hf_base(tokens).logits
-        peft = PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()(tokens).logits
+    merged, peft, plain = exported_logits(tmp_path, base, tokens)
     assert _relative(merged, ours) < 1e-5
     assert _relative(peft, ours) < 1e-5
     assert _relative(plain, ours) > 1e-3  # the adapters do change the model

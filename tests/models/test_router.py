@@ -172,19 +172,25 @@ def test_bias_update_and_its_checkpointed_fp32_buffer(tp: TensorParallel) -> Non
     assert key not in moe_mlp(CFG, tp).state_dict()  # off: no buffer, checkpoints unchanged
 
 
+def _favouring_expert_0(tp: TensorParallel, rate: float) -> tuple[MoEMLP, RouterStats]:
+    """A top-1 MoE MLP with bias rate `rate` whose router sends every token to expert 0."""
+    cfg = with_(moe_top_k=1, moe_top1_normalize=True, moe_router_bias_update_rate=rate)
+    stats = RouterStats.of(cfg)
+    torch.manual_seed(0)
+    mlp = MoEMLP(cfg, tp, ExpertParallel(), 0, stats)
+    mlp.moe.set_deepspeed_parallelism()
+    with torch.no_grad():  # tokens have a positive mean: expert 0 wins every one
+        mlp.moe.deepspeed_moe.gate.wg.weight[0] += 0.03
+    return mlp, stats
+
+
 def test_the_bias_balances_a_router_that_favours_one_expert(tp: TensorParallel) -> None:
     """RouterStats.collect updates the bias each step from the step's loads. A router whose
     weights send every token to expert 0 (max / mean load 4.0 at top-1 of 4) stays below 1.4
     from step 30 on, at rate 0.005 and 512 tokens a step (measured: 1.37 at most in steps
     30-40, 1.11 at the least)."""
-    cfg = with_(moe_top_k=1, moe_top1_normalize=True, moe_router_bias_update_rate=0.005)
-    stats = RouterStats.of(cfg)
-    torch.manual_seed(0)
-    mlp = MoEMLP(cfg, tp, ExpertParallel(), 0, stats)
-    mlp.moe.set_deepspeed_parallelism()
+    mlp, stats = _favouring_expert_0(tp, rate=0.005)
     gate = mlp.moe.deepspeed_moe.gate
-    with torch.no_grad():
-        gate.wg.weight[0] += 0.03  # tokens have a positive mean: expert 0 wins every one
     ratios = []
     for step in range(40):
         x = 1.0 + torch.randn(16, 32, 32, generator=torch.Generator().manual_seed(step))
@@ -201,14 +207,8 @@ def test_the_bias_balances_a_router_that_favours_one_expert(tp: TensorParallel) 
 def test_a_skipped_step_leaves_the_bias_as_it_was(tp: TensorParallel) -> None:
     """An fp16 overflow skips the optimizer step (the weights stay): the bias stays too, while
     the step's load is still reported; the next applied step moves it by rate * sign."""
-    cfg = with_(moe_top_k=1, moe_top1_normalize=True, moe_router_bias_update_rate=0.25)
-    stats = RouterStats.of(cfg)
-    torch.manual_seed(0)
-    mlp = MoEMLP(cfg, tp, ExpertParallel(), 0, stats)
-    mlp.moe.set_deepspeed_parallelism()
+    mlp, stats = _favouring_expert_0(tp, rate=0.25)
     gate = mlp.moe.deepspeed_moe.gate
-    with torch.no_grad():
-        gate.wg.weight[0] += 0.03  # every token to expert 0
     x = 1.0 + torch.randn(16, 32, 32, generator=torch.Generator().manual_seed(0))
     for stepped, want in [(False, [0.0, 0.0, 0.0, 0.0]), (True, [-0.25, 0.25, 0.25, 0.25])]:
         with torch.no_grad():
